@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+Anything a user can cause with bad input (a model that does not exist, a sparsity outside [0, 1), a corrupted
+checkpoint, an unknown recipe key) raises a :class:`SparseforgeError`. The CLI prints its message as one line and
+exits non-zero; everything else is a bug and keeps its traceback.
+"""
+
+
+class SparseforgeError(Exception):
+    """Bad input or an unusable asset, with a message written for the user."""
+
+
+class ModelNotFoundError(SparseforgeError):
+    pass
+
+
+class UnsupportedArchitectureError(SparseforgeError):
+    pass
+
+
+class CorruptCheckpointError(SparseforgeError):
+    pass
+
+
+class InvalidWeightsError(SparseforgeError):
+    pass
+
+
+class DataError(SparseforgeError):
+    pass
+
+
+class PatternError(SparseforgeError):
+    pass
+
+
+class RecipeError(SparseforgeError):
+    pass

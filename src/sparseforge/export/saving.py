@@ -1,0 +1,170 @@
+"""Save a (pruned) model as a directory that :func:`sparseforge.load_model` reloads bit-exactly.
+
+Layout of an exported ``model/`` directory:
+
+* ``config.json``, ``generation_config.json`` and the tokenizer files, as transformers writes them;
+* the weights: ``model.safetensors`` (format ``dense``: a plain Hugging Face checkpoint with zeros, loadable by
+  transformers alone) or ``model.sparseforge.safetensors`` (formats ``bitmask`` and ``nm``);
+* ``sparseforge_format.json``: the format, how each pruned tensor is encoded, tied-weight aliases, and the SHA-256 of
+  every weight file (a flipped bit or a truncated copy is caught before loading).
+
+The directory is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_directory
+from ..dtypes import resolve_dtype
+from ..errors import CorruptCheckpointError, SparseforgeError
+from ..sparsity.masks import masks_from_zeros, release_masks
+from .formats import ENCODINGS
+from .integrity import check_safetensors_file, sha256_of
+
+if TYPE_CHECKING:
+    from ..models.handle import LoadedModel
+
+FORMAT_FILE = "sparseforge_format.json"
+FORMAT_VERSION = 1
+DENSE_WEIGHTS = "model.safetensors"
+PACKED_WEIGHTS = "model.sparseforge.safetensors"
+EXPORT_FORMATS = ("auto", "dense", "bitmask", "nm")
+def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with tied tensors stored once; returns (tensors, alias -> stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach()
+    return tensors, aliases
+
+
+def _layer_masks(handle: LoadedModel) -> dict[str, tuple[torch.Tensor, bool]]:
+    """state-dict key -> (mask in [out, in], stored transposed?) for every pruned linear."""
+    masks = handle.masks or masks_from_zeros(handle.adapter)
+    return {f"{v.name}.weight": (masks[v.name], v.transposed) for v in handle.adapter.linears() if v.name in masks}
+
+
+def plan_encodings(handle: LoadedModel, fmt: str, dtype: torch.dtype) -> tuple[str, dict[str, tuple[str, dict]]]:
+    """Choose the encoding of each pruned tensor; ``auto`` picks the format with the fewest bytes.
+
+    Returns (format name, {state-dict key: (encoding name, params)}). ``nm`` is possible only when every pruned
+    tensor is exactly N:M; asking for it otherwise is an error, and ``auto`` then skips it.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise SparseforgeError(f"unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}")
+    layer_masks = _layer_masks(handle)
+    esize = torch.empty((), dtype=dtype).element_size()
+    candidates = [fmt] if fmt != "auto" else ["dense", "bitmask", "nm"]
+    plans = {}
+    for name in candidates:
+        enc = ENCODINGS[name]
+        plan = {}
+        for key, (mask, _) in layer_masks.items():
+            params = enc.applicable(mask)
+            if params is None:
+                if fmt == "nm":
+                    raise SparseforgeError(f"format nm needs an exact N:M mask, but {key} is not N:M sparse")
+                break
+            plan[key] = (name, params)
+        else:
+            size = sum(ENCODINGS[e].nbytes(layer_masks[k][0], esize, p) for k, (e, p) in plan.items())
+            plans[name] = (size, plan)
+    chosen = min(plans, key=lambda n: (plans[n][0], candidates.index(n)))
+    return chosen, plans[chosen][1]
+
+
+def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", dtype: str | None = None,
+               overwrite: bool = False) -> dict:
+    """Export ``handle`` to ``out_dir``; returns the format description that was written."""
+    target_dtype = resolve_dtype(dtype, handle.dtype)
+    fmt, plan = plan_encodings(handle, format, target_dtype)
+    layer_masks = _layer_masks(handle)
+    release_masks(handle.adapter)
+    tensors, aliases = _unique_state(handle.model)
+    stored: dict[str, torch.Tensor] = {}
+    described: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
+        if fmt == "dense" or key not in plan:
+            stored[key] = tensor.contiguous()
+            continue
+        mask, transposed = layer_masks[key]
+        enc_name, params = plan[key]
+        weight = tensor.t() if transposed else tensor
+        for suffix, part in ENCODINGS[enc_name].encode(weight.cpu(), mask.cpu(), params).items():
+            stored[f"{key}.{suffix}"] = part.contiguous()
+        described[key] = {"encoding": enc_name, "shape": list(weight.shape), "transposed": transposed, **params}
+    weights_file = DENSE_WEIGHTS if fmt == "dense" else PACKED_WEIGHTS
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_file(stored, tmp / weights_file, metadata={"format": "pt"})
+        config = copy.deepcopy(handle.model.config)
+        config.dtype = target_dtype
+        config.save_pretrained(tmp)
+        if getattr(handle.model, "generation_config", None) is not None:
+            handle.model.generation_config.save_pretrained(tmp)
+        if handle.tokenizer is not None:
+            handle.tokenizer.save_pretrained(tmp)
+        description = {
+            "format": fmt,
+            "version": FORMAT_VERSION,
+            "dtype": str(target_dtype).removeprefix("torch."),
+            "weights": weights_file,
+            "sha256": {weights_file: sha256_of(tmp / weights_file)},
+            "aliases": aliases,
+            "masked": sorted(layer_masks),
+            "tensors": described,
+        }
+        (tmp / FORMAT_FILE).write_text(json.dumps(description, indent=1))
+    return description
+
+
+def read_format(directory: Path) -> dict | None:
+    path = Path(directory) / FORMAT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(f"{path} is corrupted: {exc}") from None
+
+
+def load_exported_state(directory: Path, description: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Verify and decode an exported directory: returns (full state dict, masks of the encoded tensors).
+
+    Masks are keyed by state-dict name in [out, in] orientation; tensors stored dense (format ``dense``) carry no
+    mask of their own and the loader recovers theirs from the zeros.
+    """
+    directory = Path(directory)
+    weights = directory / description["weights"]
+    if not weights.exists():
+        raise CorruptCheckpointError(f"{weights} is missing")
+    check_safetensors_file(weights)
+    if sha256_of(weights) != description["sha256"][description["weights"]]:
+        raise CorruptCheckpointError(f"{weights} is corrupted: its SHA-256 does not match {FORMAT_FILE}")
+    dtype = resolve_dtype(description["dtype"])
+    raw = load_file(weights)
+    state: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for key, info in description["tensors"].items():
+        prefix = f"{key}."
+        parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix)}
+        weight, mask = ENCODINGS[info["encoding"]].decode(parts, tuple(info["shape"]), info, dtype)
+        state[key] = weight.t().contiguous() if info["transposed"] else weight
+        masks[key] = mask
+    state.update(raw)
+    for alias, name in description["aliases"].items():
+        state[alias] = state[name]
+    return state, masks

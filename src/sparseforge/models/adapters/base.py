@@ -1,0 +1,238 @@
+"""The model adapter: the only place that knows where things live inside a model.
+
+Algorithms ask the adapter for decoder blocks, their attention and FFN sub-layers, linear layers by role, norms,
+head geometry and embeddings; they never reach into ``model.model.layers``. A family is described declaratively by
+an :class:`ArchSpec` (attribute paths), so adding one is a small file plus a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def get_path(root: nn.Module, path: str) -> Any:
+    """Resolve a dotted attribute path ('' is the root itself)."""
+    obj: Any = root
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part)
+    return obj
+
+
+class LinearView:
+    """One linear layer seen in the [out_features, in_features] orientation.
+
+    ``nn.Linear`` stores its weight as [out, in]; GPT-2's ``Conv1D`` stores [in, out]. Every algorithm works on the
+    [out, in] view, and :meth:`to_storage` maps a tensor in that orientation back to how the module stores it, so a
+    mask or an update computed once applies to both kinds of layer.
+    """
+
+    def __init__(self, name: str, role: str, block: int, module: nn.Module):
+        self.name = name
+        self.role = role
+        self.block = block
+        self.module = module
+        self.transposed = not isinstance(module, nn.Linear)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in [out, in] orientation (a view sharing storage with the module's parameter)."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def to_storage(self, tensor_out_in: torch.Tensor) -> torch.Tensor:
+        """Map a tensor shaped like :attr:`weight` to the module's storage orientation."""
+        return tensor_out_in.t() if self.transposed else tensor_out_in
+
+    def __repr__(self) -> str:
+        return f"LinearView({self.name}, role={self.role}, {self.out_features}x{self.in_features})"
+
+
+@dataclass
+class SubLayer:
+    """An attention or FFN sub-layer of one block: its linears by role and its norms.
+
+    ``module`` is the enclosing module when the architecture has one (OPT keeps its FFN linears directly on the
+    block, so there it is ``None``).
+    """
+
+    kind: str  # "attention" or "ffn"
+    module: nn.Module | None
+    linears: dict[str, LinearView]
+    norms: dict[str, nn.Module]
+
+
+@dataclass
+class HeadGeometry:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class ArchSpec:
+    """Where a family keeps its parts, as attribute paths relative to the model / to one block."""
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    embed_tokens: str
+    lm_head: str
+    final_norm: str
+    attention: str
+    ffn: str
+    attention_linears: dict[str, str]
+    ffn_linears: dict[str, str]
+    attention_norms: dict[str, str] = field(default_factory=dict)
+    ffn_norms: dict[str, str] = field(default_factory=dict)
+    position_embeddings: str | None = None
+    # config attribute names, first one present wins
+    num_heads_attrs: tuple[str, ...] = ("num_attention_heads",)
+    num_kv_heads_attrs: tuple[str, ...] = ("num_key_value_heads",)
+    hidden_attrs: tuple[str, ...] = ("hidden_size",)
+
+
+class ModelAdapter:
+    """Uniform access to a causal LM of a supported family."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self.model = model
+        self.spec = spec
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def blocks(self) -> nn.ModuleList:
+        return get_path(self.model, self.spec.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks())
+
+    def _block_prefix(self, index: int) -> str:
+        return f"{self.spec.blocks}.{index}"
+
+    def _linear_views(self, index: int, paths: dict[str, str]) -> dict[str, LinearView]:
+        block = self.blocks()[index]
+        return {
+            role: LinearView(f"{self._block_prefix(index)}.{path}", role, index, get_path(block, path))
+            for role, path in paths.items()
+        }
+
+    def attention(self, index: int) -> SubLayer:
+        block = self.blocks()[index]
+        return SubLayer(
+            "attention",
+            get_path(block, self.spec.attention),
+            self._linear_views(index, self.spec.attention_linears),
+            {role: get_path(block, p) for role, p in self.spec.attention_norms.items()},
+        )
+
+    def ffn(self, index: int) -> SubLayer:
+        block = self.blocks()[index]
+        return SubLayer(
+            "ffn",
+            get_path(block, self.spec.ffn) if self.spec.ffn else None,
+            self._linear_views(index, self.spec.ffn_linears),
+            {role: get_path(block, p) for role, p in self.spec.ffn_norms.items()},
+        )
+
+    def block_linears(self, index: int) -> dict[str, LinearView]:
+        """All prunable linears of one block, keyed by role."""
+        return {**self.attention(index).linears, **self.ffn(index).linears}
+
+    def linears(self) -> Iterator[LinearView]:
+        """Every prunable linear of every block, in forward order."""
+        for i in range(self.num_blocks):
+            yield from self.block_linears(i).values()
+
+    def embed_tokens(self) -> nn.Module:
+        return get_path(self.model, self.spec.embed_tokens)
+
+    def lm_head(self) -> nn.Module:
+        return get_path(self.model, self.spec.lm_head)
+
+    def final_norm(self) -> nn.Module:
+        return get_path(self.model, self.spec.final_norm)
+
+    def tied_embeddings(self) -> bool:
+        """True when the LM head shares its weight tensor with the token embedding."""
+        return self.lm_head().weight.data_ptr() == self.embed_tokens().weight.data_ptr()
+
+    def _config_value(self, attrs: tuple[str, ...]) -> int | None:
+        for attr in attrs:
+            value = getattr(self.config, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def head_geometry(self) -> HeadGeometry:
+        num_heads = self._config_value(self.spec.num_heads_attrs)
+        num_kv = self._config_value(self.spec.num_kv_heads_attrs) or num_heads
+        head_dim = getattr(self.config, "head_dim", None) or self._config_value(self.spec.hidden_attrs) // num_heads
+        return HeadGeometry(num_heads, num_kv, int(head_dim))
+
+    # ---- running one block on captured inputs ---------------------------------------------------------------
+    def capture_block_inputs(self, input_ids: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, dict]:
+        """Run the model up to block ``index`` and return that block's hidden-state input and keyword arguments.
+
+        The forward pass is cut short by an exception from a pre-hook, so nothing after the block is computed.
+        The keyword arguments (attention mask, position embeddings, ...) are what the model itself passes, so
+        :meth:`run_block` reproduces the model's own computation for any architecture.
+        """
+        captured: dict[str, Any] = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured["hidden"] = hidden
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            raise _Stop
+
+        handle = self.blocks()[index].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        kwargs = captured["kwargs"]
+        kwargs["use_cache"] = False
+        return captured["hidden"], kwargs
+
+    def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run block ``index`` on captured inputs and return its output hidden states."""
+        out = self.blocks()[index](hidden, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+AdapterFactory = Callable[[nn.Module], ModelAdapter]

@@ -1,0 +1,36 @@
+"""GGUF files: de-quantised through transformers into a plain float model that can be saved as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import CorruptCheckpointError
+from .adapters import check_supported
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a GGUF file as an ordinary (de-quantised) model plus its tokenizer.
+
+    transformers marks GGUF-loaded models with a ``quantization_config`` and then refuses ``save_pretrained``; we
+    rebuild the model from a clean config and copy the de-quantised weights in, which gives identical logits.
+    """
+    path = Path(path)
+    kwargs = dict(gguf_file=path.name)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, **kwargs)
+        check_supported(config.model_type)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    except (ValueError, OSError, KeyError) as exc:
+        raise CorruptCheckpointError(f"cannot read GGUF file {path}: {exc}") from None
+    clean = gguf_model.config.to_dict()
+    clean.pop("quantization_config", None)
+    clean.pop("_name_or_path", None)
+    config = type(gguf_model.config).from_dict(clean)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(gguf_model.state_dict())
+    model.eval()
+    return model, tokenizer

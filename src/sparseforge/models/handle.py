@@ -1,0 +1,36 @@
+"""The in-memory model object every stage reads and writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, adapter_for
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, its adapter, and the masks of its pruned linears.
+
+    ``masks`` maps a linear's module name to a boolean tensor in [out, in] orientation (True = kept). In memory a
+    pruned weight is a dense tensor with zeros plus its mask; storage formats and kernels consume the masks.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter: ModelAdapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = adapter_for(self.model)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

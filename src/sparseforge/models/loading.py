@@ -1,0 +1,132 @@
+"""``load_model(spec)``: one entry point for every kind of model a user can name.
+
+Accepted specs: ``default`` (the embedded SmolLM2-135M-Instruct), ``tiny-<family>`` (random test models), a
+``.gguf`` file, a sparseforge run or export directory, a local Hugging Face directory, or a Hub id. The
+architecture is checked from the config before any weights are read, and every loaded model is checked for
+NaN/Inf weights.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundError
+from ..export.integrity import check_safetensors_dir
+from ..dtypes import resolve_dtype
+from ..export.saving import load_exported_state, read_format
+from .adapters import check_supported
+from .default import default_model_dir
+from .gguf import load_gguf
+from .handle import LoadedModel
+from .tiny import build_tiny
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_config(name_or_dir: str, trust_remote_code: bool):
+    try:
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"model '{name_or_dir}' not found as a local directory or on the Hugging Face Hub: {_first_line(exc)}"
+        ) from None
+    check_supported(config.model_type)
+    return config
+
+
+def _load_hf(name_or_dir: str, dtype: torch.dtype, trust_remote_code: bool):
+    _read_config(name_or_dir, trust_remote_code)
+    if Path(name_or_dir).is_dir():
+        check_safetensors_dir(Path(name_or_dir))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"cannot load model from '{name_or_dir}': {_first_line(exc)}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None):
+    """Rebuild a sparseforge export: config -> empty model -> decoded state dict (strict) -> masks."""
+    config = _read_config(str(directory), trust_remote_code=False)
+    stored_dtype = resolve_dtype(description["dtype"])
+    if description["format"] == "dense":
+        model, tokenizer = _load_hf(str(directory), stored_dtype, trust_remote_code=False)
+        encoded_masks: dict[str, torch.Tensor] = {}
+    else:
+        state, encoded_masks = load_exported_state(directory, description)
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CorruptCheckpointError(f"{directory} does not match its config: {_first_line(exc)}") from None
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    if dtype is not None and dtype != stored_dtype:
+        model.to(dtype)
+    handle = LoadedModel(model, tokenizer, source=str(directory))
+    masked = set(description["masked"])
+    for view in handle.adapter.linears():
+        key = f"{view.name}.weight"
+        if key in encoded_masks:
+            handle.masks[view.name] = encoded_masks[key]
+        elif key in masked:
+            handle.masks[view.name] = (view.weight.detach() != 0).cpu()
+    return handle
+
+
+def _resolve_directory(path: Path) -> Path:
+    """A run directory holds its model in ``model/``; accept either."""
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return path / "model"
+    return path
+
+
+def check_finite(handle: LoadedModel) -> None:
+    for name, param in handle.model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise InvalidWeightsError(f"weights of '{name}' contain NaN or Inf values; refusing to use this model")
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM with its tokenizer and adapter. ``dtype`` defaults to float32 (or the export's dtype)."""
+    spec = str(spec)
+    torch_dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
+    load_dtype = torch_dtype or torch.float32
+    if spec == "default":
+        model, tokenizer = _load_hf(str(default_model_dir()), load_dtype, trust_remote_code=False)
+        handle = LoadedModel(model, tokenizer, source="default")
+    elif spec.startswith("tiny-"):
+        model, tokenizer = build_tiny(spec, load_dtype)
+        handle = LoadedModel(model, tokenizer, source=spec)
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelNotFoundError(f"no such GGUF file: {spec}")
+            model, tokenizer = load_gguf(path, load_dtype)
+            handle = LoadedModel(model, tokenizer, source=str(path))
+        elif path.is_dir():
+            directory = _resolve_directory(path)
+            description = read_format(directory)
+            if description is not None:
+                handle = _load_exported(directory, description, torch_dtype)
+            else:
+                model, tokenizer = _load_hf(str(directory), load_dtype, trust_remote_code)
+                handle = LoadedModel(model, tokenizer, source=str(directory))
+        elif path.exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+            raise ModelNotFoundError(f"no such model directory or file: {spec}")
+        else:
+            model, tokenizer = _load_hf(spec, load_dtype, trust_remote_code)
+            handle = LoadedModel(model, tokenizer, source=spec)
+    check_finite(handle)
+    return handle

@@ -1,0 +1,1 @@
+"""One-shot pruning: scorers and the pruner."""

@@ -1,0 +1,1 @@
+"""Sparsity core: patterns, allocations, masks."""
