@@ -1,0 +1,229 @@
+"""The ``sparseforge`` command line. Every command has a Python API twin in :mod:`sparseforge`.
+
+Bad input (unknown model, bad sparsity, corrupted checkpoint, unknown recipe key, ...) prints one ``error:`` line
+on stderr and exits with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import SparseforgeError
+
+app = typer.Typer(
+    help="Make LLMs smaller and faster through sparsity, with honest measurements.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = ("'default' (SmolLM2-135M-Instruct, offline), tiny-<family>, a Hugging Face Hub id, a local HF "
+              "directory, a sparseforge run/export directory, or a .gguf file")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _log(message: str) -> None:
+    console.print(f"[dim]›[/dim] {message}")
+
+
+def _default_out(model: str, method: str, pattern: str, sparsity: Optional[float]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
+    amount = pattern.replace(":", "of") if pattern != "unstructured" else f"{sparsity:g}"
+    return str(Path("runs") / f"{stem}-{method}-{amount}")
+
+
+def _print_summary(report: dict, out_dir: str) -> None:
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table = Table(title=f"{report['model']['source']} → {out_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    if "perplexity" in after:
+        table.add_row("perplexity", f"{before['perplexity']['perplexity']:.3f}", f"{after['perplexity']['perplexity']:.3f}")
+    table.add_row("sparsity (prunable linears)", f"{before['sparsity']:.1%}", f"{after['sparsity']:.1%}")
+    table.add_row("nonzero parameters", f"{before['parameters']['nonzero']:,}", f"{after['parameters']['nonzero']:,}")
+    if "speed" in after:
+        for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s")):
+            table.add_row(label, f"{before['speed'][key]:.1f}", f"{after['speed'][key]:.1f}")
+    out.print(table)
+    if "perplexity" in after:
+        p = after["perplexity"]
+        out.print(f"perplexity protocol: {p['dataset']} ({p['split']}), {p['windows']} windows x {p['seqlen']} "
+                  f"tokens, BOS {p['bos']}")
+    if report.get("export"):
+        e = report["export"]
+        out.print(f"exported: format {e['format']} ({e['dtype']}), {e['weight_bytes'] / 2**20:.1f} MiB of weights")
+    out.print(f"report: {Path(out_dir) / 'report.md'}")
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    method: str = typer.Option("magnitude", help="pruning method (score)"),
+    sparsity: Optional[float] = typer.Option(None, help="fraction of prunable weights to remove, in [0, 1); "
+                                                         "default 0.5 for unstructured, implied by N:M"),
+    pattern: str = typer.Option("unstructured", help="'unstructured' or N:M (N kept of every M inputs), e.g. 2:4"),
+    per_row: bool = typer.Option(False, "--per-row", help="unstructured threshold per output row, not per layer"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>-<amount>)"),
+    format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
+    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
+    data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
+    seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+) -> None:
+    """Prune a model one-shot, evaluate before and after, export it, and write a report."""
+    from .pipeline import run_recipe
+    from .recipe import parse_recipe
+
+    if sparsity is None and pattern == "unstructured":
+        sparsity = 0.5
+    recipe = parse_recipe({
+        "model": model,
+        "data": {"evaluation": data, "seqlen": seqlen, "eval_windows": eval_windows},
+        "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row}}],
+        "evaluate": {"perplexity": ppl},
+        "export": {"format": format, "dtype": dtype},
+    }, origin="arguments")
+    out_dir = out_dir or _default_out(model, method, pattern, sparsity)
+    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log), out_dir)
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity under the pinned protocol"),
+    speed: bool = typer.Option(False, "--speed", help="prefill and decode tokens/s (median of repeats)"),
+    data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
+    seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
+    windows: Optional[int] = typer.Option(None, help="at most this many windows (default all)"),
+    batch_size: int = typer.Option(1, help="batch size for the speed measurement"),
+    prompt_tokens: int = typer.Option(128, help="prompt length for the speed measurement"),
+    new_tokens: int = typer.Option(32, help="decoded tokens for the speed measurement"),
+    repeats: int = typer.Option(3, help="repeats for the speed measurement (median reported)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
+) -> None:
+    """Evaluate a model: perplexity, sparsity, parameters, and optionally speed."""
+    from . import evaluate, load_model
+    from .atomic import atomic_write_text
+
+    handle = load_model(model)
+    metrics = evaluate(handle, perplexity=ppl, speed=speed, data=data, seqlen=seqlen, windows=windows,
+                       batch_size=batch_size, prompt_len=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
+    table = Table(title=f"{model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "perplexity" in metrics:
+        p = metrics["perplexity"]
+        table.add_row("perplexity", f"{p['perplexity']:.3f}")
+        table.add_row("protocol", f"{p['dataset']} ({p['split']}), {p['windows']} x {p['seqlen']} tokens, BOS {p['bos']}")
+    table.add_row("sparsity (prunable linears)", f"{metrics['sparsity']:.2%}")
+    table.add_row("parameters", f"{metrics['parameters']['total']:,}")
+    table.add_row("nonzero parameters", f"{metrics['parameters']['nonzero']:,}")
+    if "speed" in metrics:
+        s = metrics["speed"]
+        table.add_row("prefill tokens/s", f"{s['prefill_tokens_per_s']:.1f}")
+        table.add_row("decode tokens/s", f"{s['decode_tokens_per_s']:.1f}")
+        table.add_row("speed setup", ", ".join(f"{k}={v}" for k, v in s["setup"].items()))
+    out.print(table)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(metrics, indent=1))
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
+    """Show architecture, parameter counts and a per-layer sparsity table."""
+    from .evaluate.stats import parameter_counts, sparsity_summary
+    from .export.saving import read_format
+    from .models.loading import load_model
+
+    handle = load_model(model)
+    geometry = handle.adapter.head_geometry()
+    params = parameter_counts(handle)
+    summary = sparsity_summary(handle)
+    out.print(f"[bold]{model}[/bold]: {handle.model_type} (family {handle.adapter.family}), "
+              f"{handle.adapter.num_blocks} blocks, dtype {str(handle.dtype).removeprefix('torch.')}")
+    out.print(f"heads: {geometry.num_heads} query / {geometry.num_kv_heads} key-value, head dim {geometry.head_dim}; "
+              f"tied embeddings: {handle.adapter.tied_embeddings()}")
+    out.print(f"parameters: {params['total']:,} total, {params['nonzero']:,} nonzero; "
+              f"prunable linears: {summary['prunable_params']:,}, sparsity {summary['overall']:.2%}")
+    path = Path(model)
+    description = read_format(path / "model" if (path / "model").is_dir() else path) if path.is_dir() else None
+    if description:
+        out.print(f"export format: {description['format']} ({description['dtype']})")
+    table = Table(title="per-layer sparsity")
+    for column in ("layer", "role", "shape", "sparsity"):
+        table.add_column(column, justify="right" if column == "sparsity" else "left")
+    for row in summary["per_layer"]:
+        table.add_row(row["name"], row["role"], "x".join(map(str, row["shape"])), f"{row['sparsity']:.2%}")
+    out.print(table)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML: model, data, stages, evaluate, export"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<recipe name>)"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+) -> None:
+    """Run a recipe and write a run directory (model/, report.json, report.md, plots)."""
+    from .pipeline import run_recipe
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    out_dir = out_dir or str(Path("runs") / recipe.stem)
+    _print_summary(run_recipe(loaded, out_dir, overwrite=overwrite, log=_log), out_dir)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sparseforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    _quiet_libraries()
+
+
+def main() -> None:
+    """Entry point: readable one-line errors and exit codes instead of tracebacks for bad input."""
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SparseforgeError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted; no partial output was left behind")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: every metric every method is measured by."""

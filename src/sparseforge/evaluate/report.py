@@ -1,0 +1,122 @@
+"""Run reports: ``report.json`` (machine-readable), ``report.md`` (for people) and the per-layer sparsity plot."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+SPARSITY_PLOT = "sparsity_per_layer.png"
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (and peak GPU memory, if a GPU was used)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if torch.cuda.is_available():
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+    return round(peak, 1)
+
+
+def versions() -> dict:
+    import safetensors
+    import transformers
+
+    from .. import __version__
+
+    return {"sparseforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def plot_layer_sparsity(per_layer: list[dict], path: Path, title: str) -> None:
+    roles = list(dict.fromkeys(r["role"] for r in per_layer))
+    fig, ax = plt.subplots(figsize=(max(6.0, len(per_layer) * 0.05 + 4), 3.5))
+    colors = plt.get_cmap("tab10")
+    for i, role in enumerate(roles):
+        xs = [j for j, r in enumerate(per_layer) if r["role"] == role]
+        ax.bar(xs, [per_layer[j]["sparsity"] for j in xs], width=1.0, color=colors(i % 10), label=role)
+    blocks = sorted({r["block"] for r in per_layer})
+    step = max(1, len(blocks) // 15)
+    ticks = [next(j for j, r in enumerate(per_layer) if r["block"] == b) for b in blocks[::step]]
+    ax.set_xticks(ticks, [str(b) for b in blocks[::step]])
+    ax.set_xlabel("decoder block (linears in forward order)")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(ncol=min(len(roles), 7), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
+    before, after = report["metrics"].get("before") or {}, report["metrics"].get("after") or {}
+
+    def get(d: dict, *keys):
+        for k in keys:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    rows = [("perplexity", get(before, "perplexity", "perplexity"), get(after, "perplexity", "perplexity")),
+            ("sparsity of prunable linears", get(before, "sparsity"), get(after, "sparsity")),
+            ("parameters", get(before, "parameters", "total"), get(after, "parameters", "total")),
+            ("nonzero parameters", get(before, "parameters", "nonzero"), get(after, "parameters", "nonzero"))]
+    if get(after, "speed"):
+        rows += [("prefill tokens/s", get(before, "speed", "prefill_tokens_per_s"), get(after, "speed", "prefill_tokens_per_s")),
+                 ("decode tokens/s", get(before, "speed", "decode_tokens_per_s"), get(after, "speed", "decode_tokens_per_s"))]
+    return rows
+
+
+def render_markdown(report: dict, recipe_yaml: str) -> str:
+    lines = [f"# sparseforge run: {report['model']['source']}", ""]
+    lines += ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(b)} | {_fmt(a)} |" for name, b, a in _metric_rows(report)]
+    protocol = (report["metrics"].get("after") or {}).get("perplexity")
+    if protocol:
+        lines += ["", f"Perplexity protocol: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} "
+                      f"non-overlapping windows of {protocol['seqlen']} tokens ({protocol['tokens']:,} predicted "
+                      f"tokens), BOS policy '{protocol['bos']}', token-level exp(mean NLL)."]
+    speed = (report["metrics"].get("after") or {}).get("speed")
+    if speed:
+        s = speed["setup"]
+        lines += ["", f"Speed: batch {s['batch_size']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new "
+                      f"tokens, {s['threads']} threads, {s['dtype']} on {s['device']}, median of {s['repeats']}; "
+                      f"before and after measured alternately in the same process."]
+    export = report.get("export")
+    if export:
+        lines += ["", f"Export: format `{export['format']}` ({export['dtype']}), weights {export['weight_bytes']:,} "
+                      f"bytes, directory {export['directory_bytes']:,} bytes, in `model/`."]
+    lines += ["", f"![per-layer sparsity]({SPARSITY_PLOT})", "", "## Timings (s)", "",
+              "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
+    lines += ["", f"Peak memory: {report['peak_memory_mb']:.0f} MB.", "", "## Recipe", "", "```yaml",
+              recipe_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
+    directory = Path(directory)
+    (directory / "report.json").write_text(json.dumps(report, indent=1))
+    (directory / "recipe.yaml").write_text(recipe_yaml)
+    per_layer = report["sparsity"]["per_layer"]
+    if per_layer:
+        plot_layer_sparsity(per_layer, directory / SPARSITY_PLOT,
+                            f"{report['model']['source']}: overall {report['sparsity']['overall']:.1%}")
+    (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

@@ -1,0 +1,40 @@
+"""One call that measures a model the same way for every method: perplexity, sparsity, parameters, speed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.sources import load_corpus
+from ..data.windows import evaluation_windows, tokenize_corpus
+from ..errors import DataError
+from ..models.handle import LoadedModel
+from .perplexity import perplexity
+from .speed import measure_speed
+from .stats import parameter_counts, sparsity_summary
+
+
+def check_window_length(handle: LoadedModel, seqlen: int) -> None:
+    """Learned position embeddings (GPT-2, OPT) cannot go past their table; say so instead of crashing."""
+    limit = getattr(handle.model.config, "n_positions", None) or getattr(handle.model.config, "max_position_embeddings", None)
+    if handle.adapter.spec.position_embeddings and limit and seqlen > limit:
+        raise DataError(f"seqlen {seqlen} exceeds the {limit} positions this {handle.model_type} model can encode")
+
+
+def prepare_evaluation(handle: LoadedModel, data: str = "default", seqlen: int = 512,
+                       max_windows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Tokenised evaluation windows and the description of where they came from."""
+    check_window_length(handle, seqlen)
+    corpus = load_corpus(data, "evaluation")
+    windows = evaluation_windows(tokenize_corpus(handle.tokenizer, corpus), seqlen, max_windows)
+    return windows, corpus.describe()
+
+
+def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: dict | None = None,
+             speed: bool = False, speed_options: dict | None = None, progress: bool = True) -> dict:
+    """Metrics of ``handle`` as one dict; perplexity only when ``windows`` are given."""
+    metrics: dict = {"sparsity": sparsity_summary(handle)["overall"], "parameters": parameter_counts(handle)}
+    if windows is not None:
+        metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
+    if speed:
+        metrics["speed"] = measure_speed(handle.model, **(speed_options or {}))
+    return metrics

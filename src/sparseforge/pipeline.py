@@ -1,0 +1,103 @@
+"""Run a recipe: load -> evaluate -> stages -> evaluate -> export -> run directory with reports.
+
+The run directory is assembled under a temporary name and renamed when complete, so an interrupted run leaves no
+directory that looks finished. Stages are looked up in :data:`STAGE_RUNNERS`; each reads and writes the same
+:class:`LoadedModel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pydantic import BaseModel
+
+from .atomic import atomic_directory
+from .evaluate.report import peak_memory_mb, versions, write_report
+from .evaluate.speed import compare_speed
+from .evaluate.stats import directory_bytes, sparsity_summary, weight_file_bytes
+from .evaluate.suite import evaluate, prepare_evaluation
+from .export.saving import save_model
+from .models.handle import LoadedModel
+from .models.loading import load_model
+from .prune.pruner import prune
+from .recipe import Recipe
+
+
+def _run_prune(handle: LoadedModel, config: BaseModel, recipe: Recipe, progress: bool) -> None:
+    prune(handle, method=config.method, sparsity=config.sparsity, pattern=config.pattern, per_row=config.per_row,
+          allocation=config.allocation, progress=progress)
+
+
+STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, Recipe, bool], None]] = {"prune": _run_prune}
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
+               log: Callable[[str], None] = lambda message: None) -> dict:
+    """Execute ``recipe`` and write the run directory ``out_dir``; returns the report."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        log(f"loading model {recipe.model}")
+        with _timed(timings, "load_model"):
+            handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+        windows = corpus = None
+        if recipe.evaluate.perplexity:
+            with _timed(timings, "prepare_evaluation_data"):
+                windows, corpus = prepare_evaluation(handle, recipe.data.evaluation, recipe.data.evaluation_seqlen,
+                                                     recipe.data.eval_windows)
+        log("evaluating before")
+        with _timed(timings, "evaluate_before"):
+            before = evaluate(handle, windows, corpus, progress=progress)
+        dense = copy.deepcopy(handle.model) if recipe.evaluate.speed else None
+        for index, stage in enumerate(recipe.stages):
+            log(f"stage {index}: {stage.kind}")
+            with _timed(timings, f"stage_{index}_{stage.kind}"):
+                STAGE_RUNNERS[stage.kind](handle, stage.config, recipe, progress)
+        log("evaluating after")
+        with _timed(timings, "evaluate_after"):
+            after = evaluate(handle, windows, corpus, progress=progress)
+        if dense is not None:
+            with _timed(timings, "speed"):
+                speed = compare_speed({"before": dense, "after": handle.model},
+                                      batch_size=recipe.evaluate.speed_batch_size,
+                                      prompt_len=recipe.evaluate.speed_prompt_tokens,
+                                      new_tokens=recipe.evaluate.speed_new_tokens,
+                                      repeats=recipe.evaluate.speed_repeats)
+            before["speed"] = {"setup": speed["setup"], **speed["results"]["before"]}
+            after["speed"] = {"setup": speed["setup"], **speed["results"]["after"]}
+            del dense
+        export = None
+        if recipe.export is not None:
+            log("exporting")
+            with _timed(timings, "export"):
+                description = save_model(handle, tmp / "model", recipe.export.format, recipe.export.dtype)
+            export = {"format": description["format"], "dtype": description["dtype"],
+                      "weight_bytes": weight_file_bytes(tmp / "model"),
+                      "directory_bytes": directory_bytes(tmp / "model")}
+        timings["total"] = round(time.perf_counter() - started, 3)
+        summary = sparsity_summary(handle)
+        report = {
+            "model": {"source": recipe.model, "model_type": handle.model_type, "family": handle.adapter.family,
+                      "dtype": str(handle.dtype).removeprefix("torch.")},
+            "recipe": recipe.model_dump(mode="json"),
+            "sparsity": {"overall": summary["overall"], "prunable_params": summary["prunable_params"],
+                         "per_layer": summary["per_layer"]},
+            "metrics": {"before": before, "after": after},
+            "export": export,
+            "timings": timings,
+            "peak_memory_mb": peak_memory_mb(),
+            "versions": versions(),
+        }
+        write_report(tmp, report, recipe.to_yaml())
+    return report

@@ -1,0 +1,148 @@
+"""The validated description of a run: model, data, stages, evaluation, export.
+
+Recipes are plain YAML (read with ``yaml.safe_load``) or Python objects; every section rejects unknown keys and
+names the offending one. A stage is a one-key mapping (``- prune: {...}``); later stage types (``refine``,
+``retrain``, ``shrink``, ...) are added as further optional fields of :class:`StageEntry`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .dtypes import DTYPES
+from .errors import RecipeError, SparseforgeError
+from .prune.scorers import SCORERS
+from .sparsity.allocation import ALLOCATIONS
+from .sparsity.patterns import parse_pattern, resolve_sparsity
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    calibration: str = "default"
+    evaluation: str = "default"
+    seqlen: int = Field(512, ge=2, description="calibration window length (tokens)")
+    nsamples: int = Field(64, ge=1, description="number of calibration windows")
+    seed: int = 0
+    eval_seqlen: int | None = Field(None, ge=2, description="evaluation window length; defaults to seqlen")
+    eval_windows: int | None = Field(None, ge=1, description="cap on evaluation windows; default all")
+
+    @property
+    def evaluation_seqlen(self) -> int:
+        return self.eval_seqlen or self.seqlen
+
+
+class PruneStage(_Strict):
+    method: str = "magnitude"
+    sparsity: float | None = Field(None, description="required for unstructured; N:M patterns fix it")
+    pattern: str = "unstructured"
+    per_row: bool = False
+    allocation: str = "uniform"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in SCORERS:
+            raise ValueError(f"unknown method '{value}'; available: {', '.join(sorted(SCORERS))}")
+        return value
+
+    @field_validator("allocation")
+    @classmethod
+    def _known_allocation(cls, value: str) -> str:
+        if value not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation '{value}'; available: {', '.join(sorted(ALLOCATIONS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_pattern(self) -> "PruneStage":
+        try:
+            resolve_sparsity(parse_pattern(self.pattern, self.per_row), self.sparsity)
+        except SparseforgeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class StageEntry(_Strict):
+    """Exactly one of the stage types."""
+
+    prune: PruneStage | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "StageEntry":
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a stage must have exactly one type ({', '.join(type(self).model_fields)}), got {given or 'none'}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def config(self) -> BaseModel:
+        return getattr(self, self.kind)
+
+
+class EvaluateConfig(_Strict):
+    perplexity: bool = True
+    speed: bool = False
+    speed_batch_size: int = Field(1, ge=1)
+    speed_prompt_tokens: int = Field(128, ge=1)
+    speed_new_tokens: int = Field(32, ge=1)
+    speed_repeats: int = Field(3, ge=1)
+
+
+class ExportConfig(_Strict):
+    format: Literal["auto", "dense", "bitmask", "nm"] = "auto"
+    dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
+
+
+class Recipe(_Strict):
+    model: str
+    dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
+    trust_remote_code: bool = False
+    data: DataConfig = DataConfig()
+    stages: list[StageEntry] = []
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig | None = ExportConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def parse_recipe(data: object, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe must be a mapping with at least a 'model' key")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"invalid {origin}: {_describe(exc)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no such recipe file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_recipe(data, origin=f"recipe {path}")

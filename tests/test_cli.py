@@ -1,0 +1,180 @@
+"""The command line end to end on tiny models, and every kind of bad input it must refuse cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparseforge.cli import main
+from sparseforge.export.saving import save_model
+from sparseforge.models.loading import load_model
+
+
+def run_cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["sparseforge", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_clean_failure(code, err, pattern):
+    assert code == 2
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert pattern in lines[0], lines[0]
+
+
+def test_help_reads_well(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "--help")
+    assert code == 0
+    for command in ("prune", "eval", "info", "run"):
+        assert command in out
+    code, out, _ = run_cli(capsys, monkeypatch, "prune", "--help")
+    assert code == 0 and "--sparsity" in out and "--pattern" in out and "--format" in out
+
+
+def test_prune_writes_a_complete_run_directory(capsys, monkeypatch, tmp_path, text_file):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(capsys, monkeypatch, "prune", "tiny-llama", "--sparsity", "0.5", "--pattern", "2:4",
+                             "--out", out_dir, "--data", text_file, "--seqlen", "64", "--eval-windows", "4")
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["sparsity"]["overall"] == pytest.approx(0.5)
+    assert len(report["sparsity"]["per_layer"]) == 14
+    before, after = report["metrics"]["before"]["perplexity"], report["metrics"]["after"]["perplexity"]
+    assert before["windows"] == after["windows"] == 4 and before["seqlen"] == 64 and before["bos"] == "none"
+    assert report["export"]["format"] in ("nm", "bitmask")
+    for key in ("model", "recipe", "timings", "peak_memory_mb", "versions"):
+        assert key in report
+    assert (out_dir / "report.md").read_text().count("perplexity") >= 1
+    assert (out_dir / "sparsity_per_layer.png").stat().st_size > 1000
+    reloaded = load_model(str(out_dir))
+    assert len(reloaded.masks) == 14
+    assert "report.md" in out
+
+
+def test_run_recipe_then_info_and_eval(capsys, monkeypatch, tmp_path, text_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: tiny-gpt2
+data: {{evaluation: "{text_file}", seqlen: 64, eval_windows: 2}}
+stages:
+  - prune: {{method: magnitude, sparsity: 0.7}}
+evaluate: {{perplexity: true}}
+export: {{format: bitmask, dtype: float16}}
+""")
+    code, _, err = run_cli(capsys, monkeypatch, "run", recipe, "--out", tmp_path / "run")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, monkeypatch, "info", tmp_path / "run")
+    assert code == 0, err
+    assert "gpt2" in out and "70.00%" in out and "bitmask" in out
+    code, out, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "run", "--data", text_file, "--seqlen", "64",
+                             "--windows", "2", "--speed", "--repeats", "1", "--new-tokens", "4",
+                             "--json", tmp_path / "m.json")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["perplexity"]["windows"] == 2
+    assert metrics["speed"]["decode_tokens_per_s"] > 0 and metrics["speed"]["setup"]["threads"] >= 1
+
+
+@pytest.fixture
+def nan_model(tmp_path):
+    handle = load_model("tiny-llama")
+    with torch.no_grad():
+        next(handle.adapter.linears()).weight[0, 0] = float("nan")
+    handle.model.save_pretrained(tmp_path / "nan")
+    handle.tokenizer.save_pretrained(tmp_path / "nan")
+    return tmp_path / "nan"
+
+
+@pytest.fixture
+def truncated_model(tmp_path):
+    description = save_model(load_model("tiny-llama"), tmp_path / "trunc", format="bitmask")
+    weights = tmp_path / "trunc" / description["weights"]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return tmp_path / "trunc"
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+@pytest.fixture
+def empty_text(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture
+def short_text(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("too short")
+    return path
+
+
+@pytest.fixture
+def bad_recipe(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: tiny-llama\nstages:\n  - prune: {method: magnitude, sparsityy: 0.5}\n")
+    return path
+
+
+@pytest.fixture
+def wrong_type_recipe(tmp_path):
+    path = tmp_path / "wrong.yaml"
+    path.write_text("model: tiny-llama\ndata: {seqlen: lots}\n")
+    return path
+
+
+CASES = {
+    "missing directory": (lambda f: ["prune", "./no/such/model"], "no such model"),
+    "unknown hub id": (lambda f: ["prune", "no-such-org/no-such-model-xyz"], "not found"),
+    "unknown tiny model": (lambda f: ["prune", "tiny-bert"], "unknown tiny model"),
+    "unsupported architecture": (lambda f: ["prune", f("bert_dir")], "unsupported architecture 'bert'"),
+    "sparsity 1.0": (lambda f: ["prune", "tiny-llama", "--sparsity", "1.0"], "[0, 1)"),
+    "negative sparsity": (lambda f: ["prune", "tiny-llama", "--sparsity=-0.1"], "[0, 1)"),
+    "N >= M": (lambda f: ["prune", "tiny-llama", "--pattern", "4:4"], "0 < N < M"),
+    "M does not divide": (lambda f: ["prune", "tiny-llama", "--pattern", "2:48", "--no-ppl"], "does not divide"),
+    "NaN weights": (lambda f: ["prune", f("nan_model")], "NaN or Inf"),
+    "empty evaluation text": (lambda f: ["prune", "tiny-llama", "--data", f("empty_text")], "empty"),
+    "too-short evaluation text": (lambda f: ["eval", "tiny-llama", "--data", f("short_text")], "too few"),
+    "truncated checkpoint": (lambda f: ["info", f("truncated_model")], "truncated"),
+    "unknown recipe key": (lambda f: ["run", f("bad_recipe")], "unknown key 'stages.0.prune.sparsityy'"),
+    "wrong recipe type": (lambda f: ["run", f("wrong_type_recipe")], "data.seqlen"),
+    "unknown export format": (lambda f: ["prune", "tiny-llama", "--format", "zip"], "export.format"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_one_line_and_leaves_nothing(case, capsys, monkeypatch, tmp_path, request):
+    make_args, pattern = CASES[case]
+    args = make_args(request.getfixturevalue)
+    out_dir = tmp_path / "out"
+    if args[0] in ("prune", "run"):
+        args += ["--out", out_dir]
+    before = set(tmp_path.iterdir())
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert_clean_failure(code, err, pattern)
+    assert not out_dir.exists()
+    assert set(tmp_path.iterdir()) == before  # no temporary directories left either
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sparseforge.cli", "prune", "tiny-llama", "--sparsity", "2",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "sparsity must be in [0, 1)" in result.stderr
+    assert not (tmp_path / "x").exists()

