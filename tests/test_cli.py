@@ -26,7 +26,8 @@ def run_cli(capsys, monkeypatch, *args):
 def assert_clean_failure(code, err, pattern):
     assert code == 2
     assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    # progress lines ("› step", progress bars) may come first; the failure itself is exactly one line
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("›") and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert pattern in lines[0], lines[0]
 

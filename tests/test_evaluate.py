@@ -3,9 +3,9 @@ import math
 import torch
 from torch.nn import functional as F
 
-from sparseforge.evaluate.perplexity import perplexity
-from sparseforge.evaluate.speed import compare_speed
-from sparseforge.evaluate.stats import directory_bytes, parameter_counts, sparsity_summary
+from sparseforge.evaluation.perplexity import perplexity
+from sparseforge.evaluation.speed import compare_speed
+from sparseforge.evaluation.stats import directory_bytes, parameter_counts, sparsity_summary
 from sparseforge.export.saving import save_model
 from sparseforge.prune.pruner import prune
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparseforge.errors import PatternError
-from sparseforge.evaluate.stats import sparsity_summary
+from sparseforge.evaluation.stats import sparsity_summary
 from sparseforge.prune.pruner import prune
 from sparseforge.sparsity.masks import is_valid_nm
 

@@ -25,8 +25,8 @@ from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 def evaluate(model: LoadedModel, perplexity: bool = True, speed: bool = False, data: str = "default",
              seqlen: int = 512, windows: int | None = None, progress: bool = True, **speed_options) -> dict:
     """Measure ``model``: sparsity, parameters, and optionally perplexity (pinned protocol) and speed."""
-    from .evaluate.suite import evaluate as _evaluate
-    from .evaluate.suite import prepare_evaluation
+    from .evaluation.suite import evaluate as _evaluate
+    from .evaluation.suite import prepare_evaluation
 
     tokens, corpus = prepare_evaluation(model, data, seqlen, windows) if perplexity else (None, None)
     return _evaluate(model, tokens, corpus, speed=speed, speed_options=speed_options, progress=progress)

@@ -44,7 +44,7 @@ def _quiet_libraries() -> None:
 
 
 def _log(message: str) -> None:
-    console.print(f"[dim]›[/dim] {message}")
+    console.print(f"[dim]›[/dim] {message}", soft_wrap=True, highlight=False)
 
 
 def _default_out(model: str, method: str, pattern: str, sparsity: Optional[float]) -> str:
@@ -155,7 +155,7 @@ def eval_command(
 @app.command()
 def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     """Show architecture, parameter counts and a per-layer sparsity table."""
-    from .evaluate.stats import parameter_counts, sparsity_summary
+    from .evaluation.stats import parameter_counts, sparsity_summary
     from .export.saving import read_format
     from .models.loading import load_model
 

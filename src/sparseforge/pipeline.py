@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 from pydantic import BaseModel
 
 from .atomic import atomic_directory
-from .evaluate.report import peak_memory_mb, versions, write_report
-from .evaluate.speed import compare_speed
-from .evaluate.stats import directory_bytes, sparsity_summary, weight_file_bytes
-from .evaluate.suite import evaluate, prepare_evaluation
+from .evaluation.report import peak_memory_mb, versions, write_report
+from .evaluation.speed import compare_speed
+from .evaluation.stats import directory_bytes, sparsity_summary, weight_file_bytes
+from .evaluation.suite import evaluate, prepare_evaluation
 from .export.saving import save_model
 from .models.handle import LoadedModel
 from .models.loading import load_model
