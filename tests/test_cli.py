@@ -112,57 +112,47 @@ def bert_dir(tmp_path):
     return tmp_path / "bert"
 
 
-@pytest.fixture
-def empty_text(tmp_path):
-    path = tmp_path / "empty.txt"
-    path.write_text("")
-    return path
-
-
-@pytest.fixture
-def short_text(tmp_path):
-    path = tmp_path / "short.txt"
-    path.write_text("too short")
-    return path
-
-
-@pytest.fixture
-def bad_recipe(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("model: tiny-llama\nstages:\n  - prune: {method: magnitude, sparsityy: 0.5}\n")
-    return path
-
-
-@pytest.fixture
-def wrong_type_recipe(tmp_path):
-    path = tmp_path / "wrong.yaml"
-    path.write_text("model: tiny-llama\ndata: {seqlen: lots}\n")
-    return path
-
-
-CASES = {
-    "missing directory": (lambda f: ["prune", "./no/such/model"], "no such model"),
-    "unknown hub id": (lambda f: ["prune", "no-such-org/no-such-model-xyz"], "not found"),
-    "unknown tiny model": (lambda f: ["prune", "tiny-bert"], "unknown tiny model"),
-    "unsupported architecture": (lambda f: ["prune", f("bert_dir")], "unsupported architecture 'bert'"),
-    "sparsity 1.0": (lambda f: ["prune", "tiny-llama", "--sparsity", "1.0"], "[0, 1)"),
-    "negative sparsity": (lambda f: ["prune", "tiny-llama", "--sparsity=-0.1"], "[0, 1)"),
-    "N >= M": (lambda f: ["prune", "tiny-llama", "--pattern", "4:4"], "0 < N < M"),
-    "M does not divide": (lambda f: ["prune", "tiny-llama", "--pattern", "2:48", "--no-ppl"], "does not divide"),
-    "NaN weights": (lambda f: ["prune", f("nan_model")], "NaN or Inf"),
-    "empty evaluation text": (lambda f: ["prune", "tiny-llama", "--data", f("empty_text")], "empty"),
-    "too-short evaluation text": (lambda f: ["eval", "tiny-llama", "--data", f("short_text")], "too few"),
-    "truncated checkpoint": (lambda f: ["info", f("truncated_model")], "truncated"),
-    "unknown recipe key": (lambda f: ["run", f("bad_recipe")], "unknown key 'stages.0.prune.sparsityy'"),
-    "wrong recipe type": (lambda f: ["run", f("wrong_type_recipe")], "data.seqlen"),
-    "unknown export format": (lambda f: ["prune", "tiny-llama", "--format", "zip"], "export.format"),
+FILES = {
+    "empty.txt": "",
+    "short.txt": "too short",
+    "bad.yaml": "model: tiny-llama\nstages:\n  - prune: {method: magnitude, sparsityy: 0.5}\n",
+    "wrong.yaml": "model: tiny-llama\ndata: {seqlen: lots}\n",
 }
+
+# arguments: "@name" is a file from FILES written for the test, "%name" a fixture's path
+CASES = {
+    "missing directory": (["prune", "./no/such/model"], "no such model"),
+    "unknown hub id": (["prune", "no-such-org/no-such-model-xyz"], "not found"),
+    "unknown tiny model": (["prune", "tiny-bert"], "unknown tiny model"),
+    "unsupported architecture": (["prune", "%bert_dir"], "unsupported architecture 'bert'"),
+    "sparsity 1.0": (["prune", "tiny-llama", "--sparsity", "1.0"], "[0, 1)"),
+    "negative sparsity": (["prune", "tiny-llama", "--sparsity=-0.1"], "[0, 1)"),
+    "N >= M": (["prune", "tiny-llama", "--pattern", "4:4"], "0 < N < M"),
+    "M does not divide": (["prune", "tiny-llama", "--pattern", "2:48", "--no-ppl"], "does not divide"),
+    "NaN weights": (["prune", "%nan_model"], "NaN or Inf"),
+    "empty evaluation text": (["prune", "tiny-llama", "--data", "@empty.txt"], "empty"),
+    "too-short evaluation text": (["eval", "tiny-llama", "--data", "@short.txt"], "too few"),
+    "truncated checkpoint": (["info", "%truncated_model"], "truncated"),
+    "unknown recipe key": (["run", "@bad.yaml"], "unknown key 'stages.0.prune.sparsityy'"),
+    "wrong recipe type": (["run", "@wrong.yaml"], "data.seqlen"),
+    "unknown export format": (["prune", "tiny-llama", "--format", "zip"], "export.format"),
+}
+
+
+def _resolve(arg, request, tmp_path):
+    if arg.startswith("@"):
+        path = tmp_path / arg[1:]
+        path.write_text(FILES[arg[1:]])
+        return path
+    if arg.startswith("%"):
+        return request.getfixturevalue(arg[1:])
+    return arg
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gets_one_line_and_leaves_nothing(case, capsys, monkeypatch, tmp_path, request):
-    make_args, pattern = CASES[case]
-    args = make_args(request.getfixturevalue)
+    args, pattern = CASES[case]
+    args = [_resolve(a, request, tmp_path) for a in args]
     out_dir = tmp_path / "out"
     if args[0] in ("prune", "run"):
         args += ["--out", out_dir]

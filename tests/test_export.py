@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparseforge.evaluation.stats import pruned_weight_bytes
 from sparseforge.errors import CorruptCheckpointError, SparseforgeError
 from sparseforge.export.formats import ENCODINGS
 from sparseforge.export.saving import FORMAT_FILE, save_model
@@ -65,18 +66,7 @@ def test_half_sparse_fp16_is_at_most_057_of_dense(pattern, fmt, tmp_path):
     handle = _pruned(pattern=pattern)
     dense_desc = save_model(handle, tmp_path / "dense", format="dense", dtype="float16")
     sparse_desc = save_model(handle, tmp_path / fmt, format=fmt, dtype="float16")
-    from safetensors import safe_open
-
-    def pruned_bytes(directory, description):
-        total = 0
-        with safe_open(directory / description["weights"], "pt") as f:
-            for key in f.keys():
-                if any(key == m or key.startswith(m + ".") for m in description["masked"]):
-                    tensor = f.get_tensor(key)
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
-    ratio = pruned_bytes(tmp_path / fmt, sparse_desc) / pruned_bytes(tmp_path / "dense", dense_desc)
+    ratio = pruned_weight_bytes(tmp_path / fmt, sparse_desc) / pruned_weight_bytes(tmp_path / "dense", dense_desc)
     assert ratio <= 0.57
     whole = (tmp_path / fmt / sparse_desc["weights"]).stat().st_size
     assert whole < (tmp_path / "dense" / dense_desc["weights"]).stat().st_size

