@@ -50,8 +50,8 @@ def main() -> None:
     print(markdown_table(["pattern", "sparsity", "perplexity"], rows))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(*zip(*curve), marker="o", label="unstructured")
-    for pattern, achieved, ppl in rows[len(curve):]:
-        ax.scatter([float(achieved)], [float(ppl)], marker="s", label=pattern)
+    for i, (pattern, achieved, ppl) in enumerate(rows[len(curve):], start=1):
+        ax.scatter([float(achieved)], [float(ppl)], marker="s", color=f"C{i}", label=pattern)
     ax.set_yscale("log")
     ax.set_xlabel("sparsity of prunable linears")
     ax.set_ylabel(f"perplexity ({args.windows}x{args.seqlen} tokens)")

@@ -135,6 +135,7 @@ CASES = {
     "truncated checkpoint": (["info", "%truncated_model"], "truncated"),
     "unknown recipe key": (["run", "@bad.yaml"], "unknown key 'stages.0.prune.sparsityy'"),
     "wrong recipe type": (["run", "@wrong.yaml"], "data.seqlen"),
+    "window beyond learned positions": (["eval", "tiny-gpt2", "--seqlen", "2048"], "exceeds the 1024 positions"),
     "unknown export format": (["prune", "tiny-llama", "--format", "zip"], "export.format"),
 }
 

@@ -68,3 +68,31 @@ def test_default_calibration_and_evaluation_never_share_text():
     assert len(evaluation.texts) > 400 and len(calibration.texts) > 3 * len(evaluation.texts)
     assert not set(calibration.texts) & set(evaluation.texts)
     assert evaluation.name.startswith("wikipedia")
+
+
+def test_hub_datasets_use_train_for_calibration_and_test_for_evaluation(monkeypatch):
+    """The online loaders (WikiText-2, C4) pick disjoint splits; exercised here with a stand-in for the Hub."""
+    import datasets
+    calls = []
+
+    def fake_load_dataset(*args, split, **kwargs):
+        calls.append((args, split, kwargs))
+        return {"text": [f"{split} line", "", "  "]}
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_corpus("wikitext2", "calibration").texts == ["train line"]
+    assert load_corpus("wikitext2", "evaluation").texts == ["test line"]
+    assert calls[0][0] == ("wikitext", "wikitext-2-raw-v1")
+    c4 = load_corpus("c4", "evaluation")
+    assert c4.split == "validation" and "c4-validation" in str(calls[-1][2]["data_files"])
+
+
+def test_hub_dataset_failures_are_data_errors(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="cannot load dataset 'wikitext2'"):
+        load_corpus("wikitext2", "evaluation")

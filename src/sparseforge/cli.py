@@ -102,7 +102,7 @@ def prune(
         sparsity = 0.5
     recipe = parse_recipe({
         "model": model,
-        "data": {"evaluation": data, "seqlen": seqlen, "eval_windows": eval_windows},
+        "data": {"evaluation": data, "eval_seqlen": seqlen, "eval_windows": eval_windows},
         "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row}}],
         "evaluate": {"perplexity": ppl},
         "export": {"format": format, "dtype": dtype},
@@ -157,7 +157,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     """Show architecture, parameter counts and a per-layer sparsity table."""
     from .evaluation.stats import parameter_counts, sparsity_summary
     from .export.saving import read_format
-    from .models.loading import load_model
+    from .models.loading import load_model, resolve_model_directory
 
     handle = load_model(model)
     geometry = handle.adapter.head_geometry()
@@ -170,7 +170,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     out.print(f"parameters: {params['total']:,} total, {params['nonzero']:,} nonzero; "
               f"prunable linears: {summary['prunable_params']:,}, sparsity {summary['overall']:.2%}")
     path = Path(model)
-    description = read_format(path / "model" if (path / "model").is_dir() else path) if path.is_dir() else None
+    description = read_format(resolve_model_directory(path)) if path.is_dir() else None
     if description:
         out.print(f"export format: {description['format']} ({description['dtype']})")
     table = Table(title="per-layer sparsity")

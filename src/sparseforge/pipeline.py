@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from .atomic import atomic_directory
 from .evaluation.report import peak_memory_mb, versions, write_report
 from .evaluation.speed import compare_speed
-from .evaluation.stats import directory_bytes, sparsity_summary, weight_file_bytes
+from .evaluation.stats import directory_bytes, pruned_weight_bytes, sparsity_summary, weight_file_bytes
 from .evaluation.suite import evaluate, prepare_evaluation
 from .export.saving import save_model
 from .models.handle import LoadedModel
@@ -84,6 +84,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
                 description = save_model(handle, tmp / "model", recipe.export.format, recipe.export.dtype)
             export = {"format": description["format"], "dtype": description["dtype"],
                       "weight_bytes": weight_file_bytes(tmp / "model"),
+                      "pruned_linear_bytes": pruned_weight_bytes(tmp / "model", description),
                       "directory_bytes": directory_bytes(tmp / "model")}
         timings["total"] = round(time.perf_counter() - started, 3)
         summary = sparsity_summary(handle)

@@ -53,7 +53,8 @@ def _default_passages(role: Role) -> Corpus:
         return hashlib.sha1(text.encode()).digest()[0] % _EVAL_SHARE == 0
 
     texts = [t for t in unique if is_eval(t) == (role == "evaluation")]
-    return Corpus("wikipedia-boolq-passages", f"{role} (hash split 1/{_EVAL_SHARE} evaluation)", texts)
+    share = f"1 in {_EVAL_SHARE}" if role == "evaluation" else f"{_EVAL_SHARE - 1} in {_EVAL_SHARE}"
+    return Corpus("wikipedia-boolq-passages", f"{role}: {share} passages, split by text hash", texts)
 
 
 def _local_file(path: Path) -> Corpus:

@@ -84,7 +84,7 @@ def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None
     return handle
 
 
-def _resolve_directory(path: Path) -> Path:
+def resolve_model_directory(path: Path) -> Path:
     """A run directory holds its model in ``model/``; accept either."""
     if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
         return path / "model"
@@ -116,7 +116,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
             model, tokenizer = load_gguf(path, load_dtype)
             handle = LoadedModel(model, tokenizer, source=str(path))
         elif path.is_dir():
-            directory = _resolve_directory(path)
+            directory = resolve_model_directory(path)
             description = read_format(directory)
             if description is not None:
                 handle = _load_exported(directory, description, torch_dtype)
