@@ -1,0 +1,37 @@
+import pytest
+
+import sparseforge.pipeline as pipeline
+from sparseforge.recipe import parse_recipe
+
+
+def _recipe(text_file, **evaluate):
+    return parse_recipe({
+        "model": "tiny-qwen2",
+        "data": {"evaluation": str(text_file), "eval_seqlen": 32, "eval_windows": 2},
+        "stages": [{"prune": {"sparsity": 0.5}}, {"prune": {"pattern": "2:4"}}],
+        "evaluate": {"perplexity": True, **evaluate},
+        "export": {"format": "auto", "dtype": "float16"},
+    })
+
+
+def test_stages_compose_and_speed_is_measured_before_and_after(text_file, tmp_path):
+    recipe = _recipe(text_file, speed=True, speed_repeats=1, speed_new_tokens=2, speed_prompt_tokens=8)
+    report = pipeline.run_recipe(recipe, tmp_path / "run", progress=False)
+    # the second stage (2:4 on top of 50% unstructured) never revives a pruned weight
+    assert report["sparsity"]["overall"] >= 0.5
+    assert {"stage_0_prune", "stage_1_prune", "speed", "total"} <= set(report["timings"])
+    for when in ("before", "after"):
+        assert report["metrics"][when]["speed"]["setup"]["repeats"] == 1
+    assert report["export"]["dtype"] == "float16"
+    assert report["export"]["pruned_linear_bytes"] < report["export"]["weight_bytes"]
+    assert "prefill tokens/s" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_interrupted_run_leaves_no_run_directory(text_file, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "prune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(_recipe(text_file), tmp_path / "run", progress=False)
+    assert list(tmp_path.iterdir()) == [text_file]
