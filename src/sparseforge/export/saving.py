@@ -88,7 +88,11 @@ def plan_encodings(handle: LoadedModel, fmt: str, dtype: torch.dtype) -> tuple[s
 
 def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", dtype: str | None = None,
                overwrite: bool = False) -> dict:
-    """Export ``handle`` to ``out_dir``; returns the format description that was written."""
+    """Export ``handle`` to ``out_dir``; returns the format description that was written.
+
+    Mask enforcement (parametrizations from training) is baked into plain weights first, so the export holds
+    exactly the weights the model computes with.
+    """
     target_dtype = resolve_dtype(dtype, handle.dtype)
     fmt, plan = plan_encodings(handle, format, target_dtype)
     layer_masks = _layer_masks(handle)
