@@ -136,6 +136,8 @@ CASES = {
     "unknown recipe key": (["run", "@bad.yaml"], "unknown key 'stages.0.prune.sparsityy'"),
     "wrong recipe type": (["run", "@wrong.yaml"], "data.seqlen"),
     "window beyond learned positions": (["eval", "tiny-gpt2", "--seqlen", "2048"], "exceeds the 1024 positions"),
+    "absent GPU": (["eval", "tiny-llama", "--device", "cuda:99"], "cuda:99"),
+    "unknown device": (["prune", "tiny-llama", "--device", "abacus"], "unknown device 'abacus'"),
     "unknown export format": (["prune", "tiny-llama", "--format", "zip"], "export.format"),
 }
 

@@ -48,3 +48,11 @@ def test_inf_weights_are_refused(tmp_path, tiny_llama):
 def test_missing_models(spec):
     with pytest.raises(ModelNotFoundError):
         load_model(spec)
+
+
+def test_device_auto_resolves_to_an_available_device():
+    from sparseforge.models.loading import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(load_model("tiny-opt", device="auto").model.parameters()).device.type == resolve_device("auto").type

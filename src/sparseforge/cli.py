@@ -31,6 +31,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
+DEVICE_HELP = "where the model computes: cpu, cuda, cuda:N, or auto (CUDA when present)"
 MODEL_HELP = ("'default' (SmolLM2-135M-Instruct, offline), tiny-<family>, a Hugging Face Hub id, a local HF "
               "directory, a sparseforge run/export directory, or a .gguf file")
 
@@ -92,6 +93,7 @@ def prune(
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
     seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
     """Prune a model one-shot, evaluate before and after, export it, and write a report."""
@@ -102,6 +104,7 @@ def prune(
         sparsity = 0.5
     recipe = parse_recipe({
         "model": model,
+        "device": device,
         "data": {"evaluation": data, "eval_seqlen": seqlen, "eval_windows": eval_windows},
         "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row}}],
         "evaluate": {"perplexity": ppl},
@@ -124,12 +127,13 @@ def eval_command(
     new_tokens: int = typer.Option(32, help="decoded tokens for the speed measurement"),
     repeats: int = typer.Option(3, help="repeats for the speed measurement (median reported)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Evaluate a model: perplexity, sparsity, parameters, and optionally speed."""
     from . import evaluate, load_model
     from .atomic import atomic_write_text
 
-    handle = load_model(model)
+    handle = load_model(model, device=device)
     metrics = evaluate(handle, perplexity=ppl, speed=speed, data=data, seqlen=seqlen, windows=windows,
                        batch_size=batch_size, prompt_len=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
     table = Table(title=f"{model}")

@@ -50,7 +50,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         log(f"loading model {recipe.model}")
         with _timed(timings, "load_model"):
-            handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code)
+            handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
+                                device=recipe.device)
         windows = corpus = None
         if recipe.evaluate.perplexity:
             with _timed(timings, "prepare_evaluation_data"):

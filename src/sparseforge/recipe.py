@@ -109,6 +109,7 @@ class Recipe(_Strict):
     model: str
     dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
     trust_remote_code: bool = False
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     data: DataConfig = DataConfig()
     stages: list[StageEntry] = []
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -103,13 +103,13 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
     for key, tensor in tensors.items():
         tensor = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
         if fmt == "dense" or key not in plan:
-            stored[key] = tensor.contiguous()
+            stored[key] = tensor.cpu().contiguous()
             continue
         mask, transposed = layer_masks[key]
         enc_name, params = plan[key]
         weight = tensor.t() if transposed else tensor
         for suffix, part in ENCODINGS[enc_name].encode(weight.cpu(), mask.cpu(), params).items():
-            stored[f"{key}.{suffix}"] = part.contiguous()
+            stored[f"{key}.{suffix}"] = part.cpu().contiguous()
         described[key] = {"encoding": enc_name, "shape": list(weight.shape), "transposed": transposed, **params}
     weights_file = DENSE_WEIGHTS if fmt == "dense" else PACKED_WEIGHTS
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundError
+from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundError, SparseforgeError
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format
@@ -97,9 +97,30 @@ def check_finite(handle: LoadedModel) -> None:
             raise InvalidWeightsError(f"weights of '{name}' contain NaN or Inf values; refusing to use this model")
 
 
-def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a causal LM with its tokenizer and adapter. ``dtype`` defaults to float32 (or the export's dtype)."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present); asking for an absent GPU is an error, not a fallback."""
+    name = str(device or "cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise SparseforgeError(f"unknown device '{name}'; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SparseforgeError(f"device '{name}' requested but CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise SparseforgeError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return resolved
+
+
+def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+               device: str | torch.device | None = "cpu") -> LoadedModel:
+    """Load a causal LM with its tokenizer and adapter.
+
+    ``dtype`` defaults to float32 (or an export's own dtype); ``device`` is where the model computes.
+    """
     spec = str(spec)
+    target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype) if dtype not in (None, "auto") else None
     load_dtype = torch_dtype or torch.float32
     if spec == "default":
@@ -129,4 +150,5 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
             model, tokenizer = _load_hf(spec, load_dtype, trust_remote_code)
             handle = LoadedModel(model, tokenizer, source=spec)
     check_finite(handle)
+    handle.model.to(target_device)
     return handle

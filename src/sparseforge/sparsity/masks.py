@@ -68,6 +68,7 @@ def check_masks_hold(adapter: ModelAdapter, masks: dict[str, torch.Tensor]) -> l
     """Names of layers whose pruned weights are no longer zero (empty list = invariant holds)."""
     broken = []
     for view in adapter.linears():
-        if view.name in masks and bool((view.weight.detach()[~masks[view.name]] != 0).any()):
+        weight = view.weight.detach()
+        if view.name in masks and bool((weight[~masks[view.name].to(weight.device)] != 0).any()):
             broken.append(view.name)
     return broken
