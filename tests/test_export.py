@@ -116,8 +116,9 @@ def test_truncated_checkpoint_is_refused(fmt, tmp_path):
         load_model(str(tmp_path / "m"))
 
 
-def test_flipped_bit_is_caught_by_the_checksum(tmp_path):
-    description = save_model(_pruned(), tmp_path / "m", format="bitmask")
+@pytest.mark.parametrize("fmt", ["dense", "bitmask"])
+def test_flipped_bit_is_caught_by_the_checksum(fmt, tmp_path):
+    description = save_model(_pruned(), tmp_path / "m", format=fmt)
     weights = tmp_path / "m" / description["weights"]
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01

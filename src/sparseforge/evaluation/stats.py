@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
 
 import torch
 
+from ..export.integrity import safetensors_header
 from ..models.handle import LoadedModel
 
 
@@ -56,17 +56,6 @@ def weight_file_bytes(path: str | Path) -> int:
 def pruned_weight_bytes(export_dir: str | Path, description: dict) -> int:
     """Bytes the pruned linears take in an export (all their parts: values, bitmasks, layouts)."""
     masked = description["masked"]
-    total = 0
-    with safe_open(Path(export_dir) / description["weights"], "pt") as f:
-        for key in f.keys():
-            if any(key == m or key.startswith(m + ".") for m in masked):
-                tensor = f.get_slice(key)
-                shape = tensor.get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count * _DTYPE_BYTES[tensor.get_dtype()]
-    return total
-
-
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I64": 8, "I32": 4, "BOOL": 1, "F64": 8}
+    header = safetensors_header(Path(export_dir) / description["weights"])
+    return sum(end - start for key, info in header.items() for start, end in [info["data_offsets"]]
+               if any(key == m or key.startswith(m + ".") for m in masked))

@@ -10,11 +10,12 @@ from pathlib import Path
 from ..errors import CorruptCheckpointError
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Raise :class:`CorruptCheckpointError` unless ``path`` is a complete safetensors file.
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a complete safetensors file: tensor name -> dtype, shape and byte range.
 
     A safetensors file is an 8-byte header length, a JSON header giving every tensor's byte range, then the data;
-    a truncated download or a partial copy shows up as a file shorter than the header says.
+    a truncated download or a partial copy shows up as a file shorter than the header says, and is refused with
+    :class:`CorruptCheckpointError`.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -24,13 +25,19 @@ def check_safetensors_file(path: Path) -> None:
             if header_len > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(fh.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        header.pop("__metadata__", None)
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{path} is not a valid safetensors file ({exc})") from None
     if 8 + header_len + end != size:
         raise CorruptCheckpointError(
             f"{path} is truncated or corrupted: expected {8 + header_len + end} bytes, found {size}"
         )
+    return header
+
+
+def check_safetensors_file(path: Path) -> None:
+    safetensors_header(path)
 
 
 def check_safetensors_dir(directory: Path) -> None:

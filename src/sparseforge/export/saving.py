@@ -57,7 +57,8 @@ def _layer_masks(handle: LoadedModel) -> dict[str, tuple[torch.Tensor, bool]]:
     return {f"{v.name}.weight": (masks[v.name], v.transposed) for v in handle.adapter.linears() if v.name in masks}
 
 
-def plan_encodings(handle: LoadedModel, fmt: str, dtype: torch.dtype) -> tuple[str, dict[str, tuple[str, dict]]]:
+def plan_encodings(layer_masks: dict[str, tuple[torch.Tensor, bool]], fmt: str,
+                   dtype: torch.dtype) -> tuple[str, dict[str, tuple[str, dict]]]:
     """Choose the encoding of each pruned tensor; ``auto`` picks the format with the fewest bytes.
 
     Returns (format name, {state-dict key: (encoding name, params)}). ``nm`` is possible only when every pruned
@@ -65,7 +66,6 @@ def plan_encodings(handle: LoadedModel, fmt: str, dtype: torch.dtype) -> tuple[s
     """
     if fmt not in EXPORT_FORMATS:
         raise SparseforgeError(f"unknown export format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}")
-    layer_masks = _layer_masks(handle)
     esize = torch.empty((), dtype=dtype).element_size()
     candidates = [fmt] if fmt != "auto" else ["dense", "bitmask", "nm"]
     plans = {}
@@ -94,8 +94,8 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
     exactly the weights the model computes with.
     """
     target_dtype = resolve_dtype(dtype, handle.dtype)
-    fmt, plan = plan_encodings(handle, format, target_dtype)
     layer_masks = _layer_masks(handle)
+    fmt, plan = plan_encodings(layer_masks, format, target_dtype)
     release_masks(handle.adapter)
     tensors, aliases = _unique_state(handle.model)
     stored: dict[str, torch.Tensor] = {}
@@ -145,19 +145,24 @@ def read_format(directory: Path) -> dict | None:
         raise CorruptCheckpointError(f"{path} is corrupted: {exc}") from None
 
 
+def verify_weights(directory: Path, description: dict) -> Path:
+    """The export's weight file, checked complete and matching its recorded SHA-256 (every format, dense too)."""
+    weights = Path(directory) / description["weights"]
+    if not weights.exists():
+        raise CorruptCheckpointError(f"{weights} is missing")
+    check_safetensors_file(weights)
+    if sha256_of(weights) != description["sha256"][description["weights"]]:
+        raise CorruptCheckpointError(f"{weights} is corrupted: its SHA-256 does not match {FORMAT_FILE}")
+    return weights
+
+
 def load_exported_state(directory: Path, description: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Verify and decode an exported directory: returns (full state dict, masks of the encoded tensors).
 
     Masks are keyed by state-dict name in [out, in] orientation; tensors stored dense (format ``dense``) carry no
     mask of their own and the loader recovers theirs from the zeros.
     """
-    directory = Path(directory)
-    weights = directory / description["weights"]
-    if not weights.exists():
-        raise CorruptCheckpointError(f"{weights} is missing")
-    check_safetensors_file(weights)
-    if sha256_of(weights) != description["sha256"][description["weights"]]:
-        raise CorruptCheckpointError(f"{weights} is corrupted: its SHA-256 does not match {FORMAT_FILE}")
+    weights = verify_weights(directory, description)
     dtype = resolve_dtype(description["dtype"])
     raw = load_file(weights)
     state: dict[str, torch.Tensor] = {}

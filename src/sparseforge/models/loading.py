@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundError, SparseforgeError
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
-from ..export.saving import load_exported_state, read_format
+from ..export.saving import load_exported_state, read_format, verify_weights
 from .adapters import check_supported
 from .default import default_model_dir
 from .gguf import load_gguf
@@ -57,12 +57,13 @@ def _load_hf(name_or_dir: str, dtype: torch.dtype, trust_remote_code: bool):
 
 def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None):
     """Rebuild a sparseforge export: config -> empty model -> decoded state dict (strict) -> masks."""
-    config = _read_config(str(directory), trust_remote_code=False)
     stored_dtype = resolve_dtype(description["dtype"])
     if description["format"] == "dense":
+        verify_weights(directory, description)
         model, tokenizer = _load_hf(str(directory), stored_dtype, trust_remote_code=False)
         encoded_masks: dict[str, torch.Tensor] = {}
     else:
+        config = _read_config(str(directory), trust_remote_code=False)
         state, encoded_masks = load_exported_state(directory, description)
         model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype)
         try:
