@@ -16,12 +16,14 @@ class LoadedModel:
 
     ``masks`` maps a linear's module name to a boolean tensor in [out, in] orientation (True = kept). In memory a
     pruned weight is a dense tensor with zeros plus its mask; storage formats and kernels consume the masks.
+    ``history`` records what each stage did, for reports.
     """
 
     model: nn.Module
     tokenizer: object
     source: str
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # one report per stage applied (method, settings, events)
     adapter: ModelAdapter = field(init=False)
 
     def __post_init__(self) -> None:

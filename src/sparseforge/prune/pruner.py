@@ -1,16 +1,73 @@
-"""One-shot pruning: score each linear layer, turn scores into a mask with a pattern, apply it."""
+"""One-shot pruning, the public entry point: method x pattern x allocation (+ optional refinement).
+
+Data-free pruning (magnitude, uniform, no refinement) scores every linear directly. Everything else goes through
+the layer-sequential calibration pipeline (:mod:`.sequential`), with calibration windows drawn from a corpus (or
+given), optional per-block checkpoints and resume. All arguments are checked before any weight changes, so a bad
+request leaves the model untouched.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import fields
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import PatternError
+from ..data.sources import load_corpus
+from ..data.windows import calibration_windows, tokenize_corpus
+from ..errors import DataError, PatternError
 from ..models.handle import LoadedModel
+from ..models.loading import resolve_device
+from ..refine.dsnot import DSnoTConfig
 from ..sparsity.allocation import get_allocation
 from ..sparsity.masks import apply_mask
-from ..sparsity.patterns import Pattern, parse_pattern, resolve_sparsity
-from .scorers import get_scorer
+from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
+from .checkpoint import Checkpoint
+from .methods import Method, get_method
+from .sequential import OWLConfig, SequentialPlan, digest, prune_sequential
+from .sparsegpt import SparseGPTConfig
+
+REFINEMENTS = ("dsnot",)
+
+
+def _config(cls, value, what: str):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise PatternError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**value)
+
+
+def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamples: int, seqlen: int,
+                     seed: int) -> torch.Tensor:
+    """Calibration windows [nsamples, seqlen] from a corpus spec (or validated, if given as token ids)."""
+    if torch.is_tensor(calibration):
+        if calibration.dim() != 2 or calibration.shape[0] < 1 or calibration.shape[1] < 2:
+            raise DataError(f"calibration windows must be a [nsamples, seqlen] tensor, got {tuple(calibration.shape)}")
+        return calibration.long()
+    corpus = load_corpus(calibration, "calibration")
+    return calibration_windows(tokenize_corpus(handle.tokenizer, corpus), seqlen, nsamples, seed)
+
+
+def _plan(handle: LoadedModel, method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
+          owl, dsnot, sparsegpt, batch_size: int) -> SequentialPlan:
+    if allocation == "owl" and isinstance(pattern, NM):
+        raise PatternError(f"OWL allocation varies sparsity per block; pattern {pattern.name} fixes it")
+    if refine is not None and refine not in REFINEMENTS:
+        raise PatternError(f"unknown refinement '{refine}'; available: {', '.join(REFINEMENTS)}")
+    if batch_size < 1:
+        raise PatternError(f"batch_size must be at least 1, got {batch_size}")
+    dsnot = _config(DSnoTConfig, dsnot, "dsnot")
+    if dsnot.layers not in ("all", "attention"):
+        raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{dsnot.layers}'")
+    options = vars(_config(SparseGPTConfig, sparsegpt, "sparsegpt")) if method.name == "sparsegpt" else {}
+    return SequentialPlan(method, pattern, target, allocation, _config(OWLConfig, owl, "owl"), refine, dsnot,
+                          options, batch_size)
 
 
 def prune(
@@ -18,29 +75,63 @@ def prune(
     method: str = "magnitude",
     sparsity: float | None = 0.5,
     pattern: str | Pattern = "unstructured",
-    per_row: bool = False,
+    per_row: bool | None = None,
     allocation: str = "uniform",
+    refine: str | None = None,
+    calibration: str | torch.Tensor = "default",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    owl: dict | OWLConfig | None = None,
+    dsnot: dict | DSnoTConfig | None = None,
+    sparsegpt: dict | SparseGPTConfig | None = None,
     progress: bool = True,
+    after_block=None,
 ) -> LoadedModel:
     """Prune every decoder linear of ``handle`` in place and record its mask in ``handle.masks``.
 
-    Embeddings, the LM head, norms and biases are not pruned (the convention of the Wanda/SparseGPT line of work).
-    All arguments are checked before any weight changes, so a bad request leaves the model untouched.
+    ``method``: magnitude, wanda or sparsegpt. ``pattern``: 'unstructured' or N:M (N kept of M). ``per_row``:
+    compare weights within each output row (default: the method's own choice, per row for Wanda).
+    ``allocation``: uniform or owl. ``refine``: None or 'dsnot'. Calibration: ``nsamples`` random windows of
+    ``seqlen`` tokens of ``calibration`` (a corpus spec or a [n, seqlen] token tensor), drawn with ``seed``.
+    ``device``: where each block is computed (default: where the model is). ``checkpoint_dir``: checkpoint after
+    every block there and resume from it. Embeddings, LM head, norms and biases are not pruned. A report of the
+    run is appended to ``handle.history``.
     """
-    scorer = get_scorer(method)
-    if scorer.needs_calibration:
-        raise PatternError(f"method '{method}' needs calibration data; use sparseforge.prune with calibration")
-    pat = parse_pattern(pattern, per_row) if isinstance(pattern, str) else pattern
+    chosen = get_method(method)
+    pat = parse_pattern(pattern, chosen.default_per_row if per_row is None else per_row) \
+        if isinstance(pattern, str) else pattern
     target = resolve_sparsity(pat, sparsity)
+    needs_calibration = chosen.needs_calibration or get_allocation(allocation).needs_calibration or refine is not None
     layers = list(handle.adapter.linears())
     for view in layers:
         pat.validate((view.out_features, view.in_features), view.name)
-    per_layer = get_allocation(allocation)(layers, target)
-    for view in tqdm(layers, desc=f"{method} {pat.name}", disable=not progress, unit="layer"):
-        scores = scorer.score(view, None)
-        mask = pat.mask(scores, per_layer[view.name]).cpu()
+    if not needs_calibration:
+        _prune_data_free(handle, chosen, pat, target, layers, progress)
+        handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,
+                               "target_sparsity": target, "allocation": allocation})
+        return handle
+    plan = _plan(handle, chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size)
+    windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
+    work_device = resolve_device(device) if device is not None else None
+    settings = {"model": handle.source, "model_type": handle.model_type, "dtype": str(handle.dtype),
+                "model_digest": digest([v.weight for v in handle.adapter.block_linears(0).values()]),
+                "prior_masks": sorted(handle.masks), "calibration_digest": digest([windows]),
+                "calibration_shape": list(windows.shape), **plan.settings()}
+    report = prune_sequential(handle, windows, plan, Checkpoint(checkpoint_dir, settings), work_device, progress,
+                              after_block)
+    handle.history.append({"stage": "prune", **report})
+    return handle
+
+
+def _prune_data_free(handle: LoadedModel, method: Method, pattern: Pattern, target: float, layers, progress) -> None:
+    for view in tqdm(layers, desc=f"{method.name} {pattern.name}", disable=not progress, unit="layer"):
+        mask = method.prune_group([view], None, pattern, [target], {}).masks[view.name].cpu()
         if view.name in handle.masks:  # pruning again never revives weights pruned before
             mask &= handle.masks[view.name]
-        apply_mask(view, mask.to(view.weight.device))
+            apply_mask(view, mask.to(view.weight.device))
         handle.masks[view.name] = mask
-    return handle
+

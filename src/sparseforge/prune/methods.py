@@ -1,0 +1,89 @@
+"""One-shot pruning methods, registered by name: how a group of linears sharing one input becomes sparse.
+
+A method either scores weights and lets the pattern pick the mask (magnitude, Wanda), or solves for the mask and
+new weights together (SparseGPT). Either way it receives the linears of one shared-input group, their input
+statistics (``None`` for data-free methods) and one target sparsity per linear, and returns one mask per linear
+after zeroing (and, for solvers, updating) the weights in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import PatternError
+from ..models.adapters import LinearView
+from ..sparsity.masks import apply_mask
+from ..sparsity.patterns import Pattern
+from . import sparsegpt
+from .scorers import SCORERS
+from .statistics import InputStatistics
+
+
+@dataclass
+class GroupResult:
+    masks: dict[str, torch.Tensor]
+    events: list[str] = field(default_factory=list)
+
+
+PruneGroup = Callable[[list[LinearView], "InputStatistics | None", Pattern, list[float], dict], GroupResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prune_group: PruneGroup
+    needs: frozenset[str]
+    default_per_row: bool
+    description: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.needs)
+
+
+def _scored(score_name: str) -> PruneGroup:
+    scorer = SCORERS[score_name]
+
+    def prune_group(views, stats, pattern, sparsities, options) -> GroupResult:
+        masks = {}
+        for view, sparsity in zip(views, sparsities):
+            mask = pattern.mask(scorer(view, stats), sparsity)
+            apply_mask(view, mask)
+            masks[view.name] = mask
+        return GroupResult(masks)
+
+    return prune_group
+
+
+def _sparsegpt(views, stats, pattern, sparsities, options) -> GroupResult:
+    """Solve the stacked rows of all linears that share this input with one inverse-Hessian factor."""
+    config = sparsegpt.SparseGPTConfig(**options)
+    stacked = torch.cat([view.weight.detach() for view in views], dim=0)
+    result = sparsegpt.solve(stacked, stats.hessian, pattern, sparsities, [v.out_features for v in views], config,
+                             name="+".join(v.name for v in views))
+    masks, start = {}, 0
+    with torch.no_grad():
+        for view in views:
+            stop = start + view.out_features
+            view.weight.copy_(result.weight[start:stop].to(view.weight.dtype))
+            masks[view.name] = result.mask[start:stop]
+            start = stop
+    return GroupResult(masks, result.events)
+
+
+METHODS: dict[str, Method] = {
+    "magnitude": Method("magnitude", _scored("magnitude"), frozenset(), False, "smallest |W| removed; no data"),
+    "wanda": Method("wanda", _scored("wanda"), frozenset({"norms"}), True,
+                    "|W| * ||X|| compared within each output row; no weight update"),
+    "sparsegpt": Method("sparsegpt", _sparsegpt, frozenset({"hessian"}), False,
+                        "OBS pruning with inverse-Hessian weight compensation"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PatternError(f"unknown pruning method '{name}'; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

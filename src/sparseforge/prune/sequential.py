@@ -1,0 +1,227 @@
+"""The layer-sequential calibration pipeline: prune a model one decoder block at a time.
+
+1. Capture the inputs of block 0 for the calibration windows (embeddings only; the forward stops at block 0).
+2. For each block: run it densely on its inputs with hooks that gather the statistics the method needs; prune its
+   linears, one shared-input group at a time; optionally refine the masks (DSnoT); run the pruned block to get the
+   inputs of the next block (so each block is calibrated on what the pruned model upstream really produces);
+   checkpoint.
+
+Only one block's inputs, outputs and statistics are resident, and only the current block moves to the working
+device, so memory grows with the width of a block, not with depth. Windows go through a block in batches of
+``batch_size``; the captured keyword arguments (position embeddings, attention masks) are kept per batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.handle import LoadedModel
+from ..refine.dsnot import DSnoTConfig, refine
+from ..sparsity.allocation import outlier_ratio, owl_sparsities
+from ..sparsity.masks import apply_mask
+from ..sparsity.patterns import Pattern
+from .checkpoint import Checkpoint
+from .methods import Method
+from .scorers import wanda_scores
+from .statistics import StatisticsCollector
+
+
+@dataclass
+class OWLConfig:
+    m: float = 5.0  # outlier threshold, in multiples of the block's mean Wanda score
+    lam: float = 0.08  # block sparsities lie in [target - lam, target + lam]
+
+
+@dataclass
+class SequentialPlan:
+    method: Method
+    pattern: Pattern
+    sparsity: float
+    allocation: str = "uniform"
+    owl: OWLConfig = field(default_factory=OWLConfig)
+    refine: str | None = None
+    dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
+    method_options: dict = field(default_factory=dict)
+    batch_size: int = 8
+
+    def settings(self) -> dict:
+        return {"method": self.method.name, "pattern": self.pattern.name,
+                "per_row": getattr(self.pattern, "per_row", None), "sparsity": self.sparsity,
+                "allocation": self.allocation, "owl": asdict(self.owl) if self.allocation == "owl" else None,
+                "refine": self.refine, "dsnot": asdict(self.dsnot) if self.refine else None,
+                "method_options": self.method_options, "batch_size": self.batch_size}
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.method.needs | (frozenset({"norms", "moments"}) if self.refine == "dsnot" else frozenset())
+
+
+def _to(obj, device: torch.device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    """Content hash of tensors (settings fingerprint for checkpoints)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Blocks:
+    """Captured block inputs in batches, and running one block over them (on the working device)."""
+
+    def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
+        self.adapter = handle.adapter
+        self.device = device
+        self.batches = list(windows.split(batch_size))
+        self.kwargs: dict[int, dict] = {}
+        model_device = next(handle.model.parameters()).device
+        hidden = []
+        for batch in self.batches:
+            h, kwargs = self.adapter.capture_block_inputs(batch.to(model_device), 0)
+            self.kwargs.setdefault(batch.shape[0], _to(kwargs, device))
+            hidden.append(h.to(device))
+        self.hidden = torch.cat(hidden)
+        self.model_device = model_device
+
+    def run(self, index: int, hidden: torch.Tensor, between_batches=None) -> torch.Tensor:
+        """Run block ``index`` over all windows in batches; returns the outputs (same shape as ``hidden``)."""
+        out = torch.empty_like(hidden)
+        start = 0
+        with torch.no_grad():
+            for batch in self.batches:
+                n = batch.shape[0]
+                out[start:start + n] = self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
+                start += n
+                if between_batches is not None:
+                    between_batches()
+        return out
+
+    def on_device(self, index: int):
+        block = self.adapter.blocks()[index]
+        block.to(self.device)
+        return block
+
+    def release(self, index: int) -> None:
+        self.adapter.blocks()[index].to(self.model_device)
+
+
+def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: SequentialPlan,
+                          progress: bool) -> tuple[list[float], list[float]]:
+    """OWL's first pass: outlier ratios of Wanda scores, block by block on the dense model."""
+    ratios = []
+    adapter = blocks.adapter
+    for index in tqdm(range(adapter.num_blocks), desc="OWL outlier ratios", disable=not progress, unit="block"):
+        blocks.on_device(index)
+        views = {v.name: v for v in adapter.block_linears(index).values()}
+        with StatisticsCollector(views, frozenset({"norms"}), blocks.device) as collector:
+            hidden = blocks.run(index, hidden, collector.end_of_batch)
+        ratios.append(outlier_ratio([wanda_scores(v.weight.detach(), collector.of(n)) for n, v in views.items()],
+                                    plan.owl.m))
+        blocks.release(index)
+    return ratios, owl_sparsities(ratios, plan.sparsity, plan.owl.lam)
+
+
+def _refine_layer(plan: SequentialPlan, role_kind: str) -> bool:
+    return plan.refine == "dsnot" and (plan.dsnot.layers == "all" or role_kind == "attention")
+
+
+def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
+                     device: torch.device | None = None, progress: bool = True,
+                     after_block=None) -> dict:
+    """Prune every decoder block of ``handle`` with ``plan`` on calibration ``windows`` [n, seqlen]; returns a report.
+
+    ``after_block(index)`` is called once a block is checkpointed (tests use it to simulate an interruption).
+    """
+    adapter = handle.adapter
+    device = device or next(handle.model.parameters()).device
+    started = time.perf_counter()
+    state = checkpoint.resume()
+    blocks = _Blocks(handle, windows, plan.batch_size, device)
+    first = state["next_block"]
+    for index in range(first):  # replay finished blocks from the checkpoint
+        saved = checkpoint.block_tensors(index)
+        for view in adapter.block_linears(index).values():
+            with torch.no_grad():
+                view.weight.copy_(saved[f"{view.name}.weight"].to(view.weight.device, view.weight.dtype))
+            handle.masks[view.name] = saved[f"{view.name}.mask"]
+    hidden = checkpoint.hidden(first).to(device) if first else blocks.hidden
+    blocks.hidden = None  # the pipeline owns the activations from here on, one block's worth at a time
+
+    if plan.allocation == "owl" and "block_sparsity" not in state:
+        ratios, sparsities = _owl_block_sparsities(blocks, hidden, plan, progress)
+        checkpoint.save_state(outlier_ratios=ratios, block_sparsity=sparsities)
+    block_sparsity = checkpoint.state.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
+    events: list[str] = list(checkpoint.state.get("events", []))
+    swaps = int(checkpoint.state.get("swaps", 0))
+
+    bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
+               disable=not progress, unit="block")
+    for index in bar:
+        blocks.on_device(index)
+        linears = adapter.block_linears(index)
+        kinds = {v.name: ("attention" if role in adapter.spec.attention_linears else "ffn") for role, v in linears.items()}
+        views = {v.name: v for v in linears.values()}
+        dense = {n: v.weight.detach().clone() for n, v in views.items() if _refine_layer(plan, kinds[n])}
+        groups: list[list[str]] = [[n] for n in views]
+        collector = None
+        if plan.needs:
+            with StatisticsCollector(views, plan.needs, device) as collector:
+                blocks.run(index, hidden, collector.end_of_batch)
+            groups = collector.groups()
+        target = block_sparsity[index]
+        for group in groups:
+            stats = collector.of(group[0]) if collector else None
+            result = plan.method.prune_group([views[n] for n in group], stats, plan.pattern, [target] * len(group),
+                                             plan.method_options)
+            events.extend(result.events)
+            for name, mask in result.masks.items():
+                view = views[name]
+                if name in dense:
+                    weight, mask, count = refine(dense[name], view.weight.detach(), mask, stats, plan.pattern,
+                                                 plan.dsnot)
+                    swaps += count
+                    with torch.no_grad():
+                        view.weight.copy_(weight.to(view.weight.dtype))
+                mask = mask.cpu()
+                if name in handle.masks:  # pruning again never revives weights pruned before
+                    mask &= handle.masks[name]
+                apply_mask(view, mask.to(view.weight.device))
+                handle.masks[name] = mask
+        del collector, dense
+        hidden = blocks.run(index, hidden)
+        blocks.release(index)
+        tensors = {}
+        for name, view in views.items():
+            tensors[f"{name}.weight"] = view.weight.detach()
+            tensors[f"{name}.mask"] = handle.masks[name]
+        last = index == adapter.num_blocks - 1
+        checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps)
+        if after_block is not None:
+            after_block(index)
+    return {
+        "method": plan.method.name,
+        "pattern": plan.pattern.name,
+        "target_sparsity": plan.sparsity,
+        "allocation": plan.allocation,
+        "block_sparsity": block_sparsity,
+        "outlier_ratios": checkpoint.state.get("outlier_ratios"),
+        "refine": plan.refine,
+        "dsnot_swaps": swaps if plan.refine else None,
+        "events": events,
+        "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1], "batch_size": plan.batch_size},
+        "resumed_from_block": first or None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

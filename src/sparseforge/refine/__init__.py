@@ -1,0 +1,1 @@
+"""Training-free refinement of masks found by one-shot pruning (DSnoT)."""
