@@ -9,13 +9,16 @@ loguru log, warnings, tracebacks) goes to stderr.
         --method sparsegpt --sparsity 0.5 --pattern unstructured --threads 2 [--out-json F]
 
 How the windows reach llm-compressor unchanged (checked against llmcompressor 0.14 source):
-  * a `datasets.Dataset` that already has an `input_ids` column is used as is, with no tokenisation
-    (`llmcompressor.datasets.utils.get_processed_dataset`);
-  * `shuffle_calibration_samples=False` replaces the `RandomSampler` by `LengthAwareSampler`, which takes the
-    first `num_calibration_samples` samples ordered by length (all equal here);
-  * `batch_size=1` with the default "truncation" collator and `max_seq_length=seqlen` cuts nothing.
-  A forward pre-hook on the input embedding records the ids that actually reach the model during `oneshot`;
-  the worker fails if they are not exactly the calibration windows, and reports whether the order was kept.
+  * `--feed dataloader` (default) hands `oneshot` a DataLoader (batch 1, given order, default collator); oneshot
+    uses a DataLoader as is (`get_calibration_dataloader`), so every window is used once, in order, untouched;
+  * `--feed dataset` hands it a tokenized `datasets.Dataset` (`input_ids` + `attention_mask` of ones): a dataset
+    with an `input_ids` column is not re-tokenised, `shuffle_calibration_samples=False` picks `LengthAwareSampler`
+    instead of `RandomSampler`, `num_calibration_samples=n` keeps all n, and batch 1 with the "truncation"
+    collator and `max_seq_length=seqlen` cuts nothing; but that sampler orders by length with a non-stable
+    `torch.argsort`, which permutes equal-length windows once n >= 17 (same windows, different order; the
+    results then differ only by floating-point rounding, which SparseGPT can amplify).
+  A forward pre-hook on the input embedding records the ids that actually reach the model during `oneshot`; the
+  worker fails unless they are exactly the calibration windows, and reports whether the order was kept.
 
 N:M convention: sparseforge's "N:M" keeps N of every M; llm-compressor's `mask_structure="N:M"` *prunes* N of
 every M (`topk(..., N, largest=False)` is the pruned set), so sparseforge N:M is passed as "(M-N):M". For 2:4
@@ -42,6 +45,7 @@ sys.stdout = sys.stderr
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # oneshot warns and sets it otherwise
 os.environ.setdefault("TQDM_DISABLE", "1")  # llm-compressor's per-layer progress bars flood stderr
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local model directories only; never reach for the Hub
 
 import torch  # noqa: E402
 
@@ -55,9 +59,17 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored for N:M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured or N:M (N kept of every M)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--feed", choices=["dataset", "dataloader"], default="dataloader",
+                   help="hand oneshot a tokenized datasets.Dataset (its LengthAwareSampler may permute equal-length "
+                        "windows) or a DataLoader that keeps the given order")
     p.add_argument("--out-json", type=Path, default=None)
     p.add_argument("--log-level", default=os.environ.get("LLM_COMPRESSOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
+    for name in ("calibration", "evaluation"):
+        if not getattr(args, name).is_file():
+            p.error(f"--{name}: no such file {getattr(args, name)}")
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model must be a local Hugging Face model directory (no config.json in {args.model})")
     if args.pattern == "unstructured":
         if not 0.0 <= args.sparsity < 1.0:
             p.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
@@ -184,8 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
     layer_classes = _decoder_layer_classes(model)
     linears = _target_linears(model, layer_classes)
 
-    calib_ds = datasets.Dataset.from_dict({"input_ids": calib.tolist(),
-                                           "attention_mask": torch.ones_like(calib).tolist()})
+    if args.feed == "dataset":
+        calib_data = datasets.Dataset.from_dict({"input_ids": calib.tolist(),
+                                                 "attention_mask": torch.ones_like(calib).tolist()})
+    else:
+        rows = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in calib]
+        calib_data = torch.utils.data.DataLoader(rows, batch_size=1, shuffle=False,
+                                                 collate_fn=transformers.default_data_collator)
     if args.group_m is None:
         mask_structure = "0:0"  # llm-compressor's "unstructured"
     else:
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     pruned = oneshot(
         model=model,
         processor=tokenizer,
-        dataset=calib_ds,
+        dataset=calib_data,
         recipe=[modifier],
         num_calibration_samples=nsamples,
         max_seq_length=seqlen,
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layer_sparsity_min": sparsity_info["layer_sparsity_min"],
         "layer_sparsity_max": sparsity_info["layer_sparsity_max"],
         "nm_valid": sparsity_info["nm_valid"],
+        "calibration_feed": args.feed,
         "calibration_order": calibration_order,
         "eval_windows": int(evaluation.shape[0]),
         "eval_seqlen": int(evaluation.shape[1]),

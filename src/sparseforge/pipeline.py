@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,12 +29,30 @@ from .prune.pruner import prune
 from .recipe import Recipe
 
 
-def _run_prune(handle: LoadedModel, config: BaseModel, recipe: Recipe, progress: bool) -> None:
+@dataclass
+class StageContext:
+    """What a stage may need beyond its own settings: the recipe, where to checkpoint, whether to show progress."""
+
+    recipe: Recipe
+    checkpoint_dir: Path
+    progress: bool
+
+
+def _run_prune(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
     prune(handle, method=config.method, sparsity=config.sparsity, pattern=config.pattern, per_row=config.per_row,
-          allocation=config.allocation, progress=progress)
+          allocation=config.allocation, refine=config.refine, calibration=data.calibration, nsamples=data.nsamples,
+          seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, checkpoint_dir=context.checkpoint_dir,
+          owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt, progress=context.progress)
 
 
-STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, Recipe, bool], None]] = {"prune": _run_prune}
+STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {"prune": _run_prune}
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    """Where an interrupted run's stage checkpoints wait for the rerun (a hidden sibling of the run directory)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.checkpoints"
 
 
 @contextlib.contextmanager
@@ -43,10 +63,20 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
-               log: Callable[[str], None] = lambda message: None) -> dict:
-    """Execute ``recipe`` and write the run directory ``out_dir``; returns the report."""
+               log: Callable[[str], None] = lambda message: None, restart: bool = False) -> dict:
+    """Execute ``recipe`` and write the run directory ``out_dir``; returns the report.
+
+    Calibrated stages checkpoint after every block next to ``out_dir``; rerunning the same recipe after an
+    interruption resumes them (``restart`` discards the checkpoints instead). They are deleted once the run
+    directory is complete.
+    """
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    checkpoints = checkpoint_root(out_dir)
+    if restart:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    elif checkpoints.exists():
+        log(f"resuming from checkpoints in {checkpoints}")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         log(f"loading model {recipe.model}")
         with _timed(timings, "load_model"):
@@ -64,7 +94,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         for index, stage in enumerate(recipe.stages):
             log(f"stage {index}: {stage.kind}")
             with _timed(timings, f"stage_{index}_{stage.kind}"):
-                STAGE_RUNNERS[stage.kind](handle, stage.config, recipe, progress)
+                context = StageContext(recipe, checkpoints / f"stage_{index}", progress)
+                STAGE_RUNNERS[stage.kind](handle, stage.config, context)
         log("evaluating after")
         with _timed(timings, "evaluate_after"):
             after = evaluate(handle, windows, corpus, progress=progress)
@@ -93,6 +124,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             "model": {"source": recipe.model, "model_type": handle.model_type, "family": handle.adapter.family,
                       "dtype": str(handle.dtype).removeprefix("torch.")},
             "recipe": recipe.model_dump(mode="json"),
+            "stages": handle.history,
             "sparsity": {"overall": summary["overall"], "prunable_params": summary["prunable_params"],
                          "per_layer": summary["per_layer"]},
             "metrics": {"before": before, "after": after},
@@ -102,4 +134,5 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             "versions": versions(),
         }
         write_report(tmp, report, recipe.to_yaml())
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return report

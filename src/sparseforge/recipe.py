@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .dtypes import DTYPES
 from .errors import RecipeError, SparseforgeError
-from .prune.scorers import SCORERS
+from .prune.methods import METHODS
+from .prune.pruner import REFINEMENTS, method_options
 from .sparsity.allocation import ALLOCATIONS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
@@ -45,16 +46,23 @@ class DataConfig(_Strict):
 
 
 class PruneStage(_Strict):
+    """One-shot pruning; calibrated methods use the recipe's ``data`` section for their calibration windows."""
+
     method: str = "magnitude"
     sparsity: float | None = Field(None, description="required for unstructured; N:M patterns fix it")
     pattern: str = "unstructured"
-    per_row: bool = False
+    per_row: bool | None = Field(None, description="compare within output rows; default: the method's choice")
     allocation: str = "uniform"
+    refine: Literal[REFINEMENTS] | None = None  # type: ignore[valid-type]
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch")
+    owl: dict = Field(default_factory=dict, description="OWL options: m, lam")
+    dsnot: dict = Field(default_factory=dict, description="DSnoT options: max_cycles, threshold, sign_check, layers")
+    sparsegpt: dict = Field(default_factory=dict, description="SparseGPT options: block_size, dampening")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        return _registered(value, SCORERS, "method")
+        return _registered(value, METHODS, "method")
 
     @field_validator("allocation")
     @classmethod
@@ -64,7 +72,8 @@ class PruneStage(_Strict):
     @model_validator(mode="after")
     def _valid_pattern(self) -> "PruneStage":
         try:
-            resolve_sparsity(parse_pattern(self.pattern, self.per_row), self.sparsity)
+            resolve_sparsity(parse_pattern(self.pattern, bool(self.per_row)), self.sparsity)
+            method_options(self.owl, self.dsnot, self.sparsegpt)
         except SparseforgeError as exc:
             raise ValueError(str(exc)) from None
         return self

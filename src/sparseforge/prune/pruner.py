@@ -29,6 +29,7 @@ from .sequential import OWLConfig, SequentialPlan, digest, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
 REFINEMENTS = ("dsnot",)
+DEFAULT_SPARSITY = 0.5  # for unstructured patterns when none is given; N:M patterns fix their own
 
 
 def _config(cls, value, what: str):
@@ -36,11 +37,31 @@ def _config(cls, value, what: str):
         return cls()
     if isinstance(value, cls):
         return value
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - known)
+    known = {f.name: f.default for f in fields(cls)}
+    unknown = sorted(set(value) - set(known))
     if unknown:
         raise PatternError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**value)
+    values = {}
+    for key, given in value.items():
+        default = known[key]
+        if isinstance(default, float) and isinstance(given, int) and not isinstance(given, bool):
+            given = float(given)
+        if default is None:
+            ok = given is None or isinstance(given, bool)
+        else:
+            ok = isinstance(given, type(default)) and (isinstance(given, bool) == isinstance(default, bool))
+        if not ok:
+            raise PatternError(f"{what} option {key} must be like {default!r}, got {given!r}")
+        values[key] = given
+    return cls(**values)
+
+
+def method_options(owl, dsnot, sparsegpt) -> tuple[OWLConfig, DSnoTConfig, SparseGPTConfig]:
+    """Validated option objects from dicts (recipes) or option objects (Python API)."""
+    dsnot = _config(DSnoTConfig, dsnot, "dsnot")
+    if dsnot.layers not in ("all", "attention"):
+        raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{dsnot.layers}'")
+    return _config(OWLConfig, owl, "owl"), dsnot, _config(SparseGPTConfig, sparsegpt, "sparsegpt")
 
 
 def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamples: int, seqlen: int,
@@ -54,7 +75,7 @@ def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamp
     return calibration_windows(tokenize_corpus(handle.tokenizer, corpus), seqlen, nsamples, seed)
 
 
-def _plan(handle: LoadedModel, method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
+def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
           owl, dsnot, sparsegpt, batch_size: int) -> SequentialPlan:
     if allocation == "owl" and isinstance(pattern, NM):
         raise PatternError(f"OWL allocation varies sparsity per block; pattern {pattern.name} fixes it")
@@ -62,18 +83,15 @@ def _plan(handle: LoadedModel, method: Method, pattern: Pattern, target: float, 
         raise PatternError(f"unknown refinement '{refine}'; available: {', '.join(REFINEMENTS)}")
     if batch_size < 1:
         raise PatternError(f"batch_size must be at least 1, got {batch_size}")
-    dsnot = _config(DSnoTConfig, dsnot, "dsnot")
-    if dsnot.layers not in ("all", "attention"):
-        raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{dsnot.layers}'")
-    options = vars(_config(SparseGPTConfig, sparsegpt, "sparsegpt")) if method.name == "sparsegpt" else {}
-    return SequentialPlan(method, pattern, target, allocation, _config(OWLConfig, owl, "owl"), refine, dsnot,
-                          options, batch_size)
+    owl, dsnot, sparsegpt = method_options(owl, dsnot, sparsegpt)
+    options = vars(sparsegpt) if method.name == "sparsegpt" else {}
+    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size)
 
 
 def prune(
     handle: LoadedModel,
     method: str = "magnitude",
-    sparsity: float | None = 0.5,
+    sparsity: float | None = None,
     pattern: str | Pattern = "unstructured",
     per_row: bool | None = None,
     allocation: str = "uniform",
@@ -93,7 +111,7 @@ def prune(
 ) -> LoadedModel:
     """Prune every decoder linear of ``handle`` in place and record its mask in ``handle.masks``.
 
-    ``method``: magnitude, wanda or sparsegpt. ``pattern``: 'unstructured' or N:M (N kept of M). ``per_row``:
+    ``method``: magnitude, wanda or sparsegpt. ``sparsity``: default 0.5 for unstructured. ``pattern``: 'unstructured' or N:M (N kept of M). ``per_row``:
     compare weights within each output row (default: the method's own choice, per row for Wanda).
     ``allocation``: uniform or owl. ``refine``: None or 'dsnot'. Calibration: ``nsamples`` random windows of
     ``seqlen`` tokens of ``calibration`` (a corpus spec or a [n, seqlen] token tensor), drawn with ``seed``.
@@ -104,6 +122,8 @@ def prune(
     chosen = get_method(method)
     pat = parse_pattern(pattern, chosen.default_per_row if per_row is None else per_row) \
         if isinstance(pattern, str) else pattern
+    if sparsity is None and pat.fixed_sparsity() is None:
+        sparsity = DEFAULT_SPARSITY
     target = resolve_sparsity(pat, sparsity)
     needs_calibration = chosen.needs_calibration or get_allocation(allocation).needs_calibration or refine is not None
     layers = list(handle.adapter.linears())
@@ -114,7 +134,7 @@ def prune(
         handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,
                                "target_sparsity": target, "allocation": allocation})
         return handle
-    plan = _plan(handle, chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size)
+    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size)
     windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     work_device = resolve_device(device) if device is not None else None
     settings = {"model": handle.source, "model_type": handle.model_type, "dtype": str(handle.dtype),

@@ -28,7 +28,7 @@ from ..sparsity.patterns import Pattern
 from .checkpoint import Checkpoint
 from .methods import Method
 from .scorers import wanda_scores
-from .statistics import StatisticsCollector
+from .statistics import AllInputsSeen, StatisticsCollector
 
 
 @dataclass
@@ -96,7 +96,7 @@ class _Blocks:
         self.hidden = torch.cat(hidden)
         self.model_device = model_device
 
-    def run(self, index: int, hidden: torch.Tensor, between_batches=None) -> torch.Tensor:
+    def run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run block ``index`` over all windows in batches; returns the outputs (same shape as ``hidden``)."""
         out = torch.empty_like(hidden)
         start = 0
@@ -105,9 +105,22 @@ class _Blocks:
                 n = batch.shape[0]
                 out[start:start + n] = self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
                 start += n
-                if between_batches is not None:
-                    between_batches()
         return out
+
+    def calibrate(self, index: int, hidden: torch.Tensor, needs: frozenset[str]) -> StatisticsCollector:
+        """Gather the input statistics of block ``index``'s linears; the forward stops after the last linear's input."""
+        views = {v.name: v for v in self.adapter.block_linears(index).values()}
+        start = 0
+        with StatisticsCollector(views, needs, self.device) as collector, torch.no_grad():
+            for batch in self.batches:
+                n = batch.shape[0]
+                try:
+                    self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
+                except AllInputsSeen:
+                    pass
+                collector.end_of_batch()
+                start += n
+        return collector
 
     def on_device(self, index: int):
         block = self.adapter.blocks()[index]
@@ -126,8 +139,8 @@ def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: Sequentia
     for index in tqdm(range(adapter.num_blocks), desc="OWL outlier ratios", disable=not progress, unit="block"):
         blocks.on_device(index)
         views = {v.name: v for v in adapter.block_linears(index).values()}
-        with StatisticsCollector(views, frozenset({"norms"}), blocks.device) as collector:
-            hidden = blocks.run(index, hidden, collector.end_of_batch)
+        collector = blocks.calibrate(index, hidden, frozenset({"norms"}))
+        hidden = blocks.run(index, hidden)
         ratios.append(outlier_ratio([wanda_scores(v.weight.detach(), collector.of(n)) for n, v in views.items()],
                                     plan.owl.m))
         blocks.release(index)
@@ -178,8 +191,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         groups: list[list[str]] = [[n] for n in views]
         collector = None
         if plan.needs:
-            with StatisticsCollector(views, plan.needs, device) as collector:
-                blocks.run(index, hidden, collector.end_of_batch)
+            collector = blocks.calibrate(index, hidden, plan.needs)
             groups = collector.groups()
         target = block_sparsity[index]
         for group in groups:

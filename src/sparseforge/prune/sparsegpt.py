@@ -4,7 +4,8 @@ Follows the reference algorithm (Frantar & Alistarh, 2023): Hessian ``H = X^T X`
 fraction of its mean diagonal; dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weights zeroed; the upper
 Cholesky factor ``U`` of ``H^-1`` drives the updates; columns are processed in lazy blocks (updates inside a block
 are rank-1, the block's accumulated error reaches the remaining columns in one matmul). Unstructured masks are
-chosen adaptively per block from ``w^2 / U_jj^2``; N:M masks per group of M columns.
+chosen adaptively per block from ``w^2 / U_jj^2``; N:M masks per group of M columns. Weights of dead inputs are
+pruned first but, unlike the reference, not zeroed up front, so sparsity 0 leaves every weight unchanged.
 
 Two departures from the reference, both exact: rows of linears that share one input (q/k/v, gate/up) are solved
 in one stacked matrix with one factorisation (the OBS update of a row depends only on that row and ``U``), and the
@@ -73,15 +74,15 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsit
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     columns = w.shape[1]
-    dead = torch.diagonal(h) == 0
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights are free to prune
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     upper, used_damp, events = inverse_hessian_factor(h, config.dampening, name)
     del h
 
     mask = torch.ones_like(w, dtype=torch.bool)
     bounds = torch.cumsum(torch.tensor([0] + segments), 0).tolist()
     nm = pattern if isinstance(pattern, NM) else None
+    per_row = getattr(pattern, "per_row", False)
     if nm and columns % nm.m:
         raise PatternError(f"{name}: pattern {nm.name} needs the input width {columns} to be a multiple of {nm.m}")
     block = config.block_size
@@ -94,15 +95,19 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsit
         mask1 = torch.ones_like(w1, dtype=torch.bool)
         if nm is None:
             scores = w1.square() / diag.square()
+            scores[:, dead[i1:i2]] = -1.0  # pruned first; unlike the reference, not zeroed when nothing is pruned
             for k, rows in enumerate(segments):
-                count = _block_prune_count(rows, sparsities[k], i1, i2)
-                if count:
-                    seg = scores[bounds[k]:bounds[k + 1]].reshape(-1)
-                    order = torch.argsort(seg, stable=True)[:count]
-                    mask1[bounds[k]:bounds[k + 1]].view(-1)[order] = False
+                seg, seg_mask = scores[bounds[k]:bounds[k + 1]], mask1[bounds[k]:bounds[k + 1]]
+                if per_row:  # the same count in every row of the segment
+                    count = _block_prune_count(1, sparsities[k], i1, i2)
+                    seg_mask.scatter_(1, torch.argsort(seg, dim=1, stable=True)[:, :count], False)
+                else:
+                    count = _block_prune_count(rows, sparsities[k], i1, i2)
+                    seg_mask.view(-1)[torch.argsort(seg.reshape(-1), stable=True)[:count]] = False
         for j in range(i2 - i1):
             if nm is not None and j % nm.m == 0:
                 group = w1[:, j:j + nm.m].square() / diag[j:j + nm.m].square()
+                group[:, dead[i1 + j:i1 + j + nm.m]] = -1.0
                 pruned = torch.argsort(group, dim=1, stable=True)[:, : nm.m - nm.n]
                 mask1[:, j:j + nm.m].scatter_(1, pruned, False)
             col = w1[:, j]

@@ -18,6 +18,10 @@ from ..models.adapters import LinearView
 NEEDS = frozenset({"norms", "moments", "hessian"})
 
 
+class AllInputsSeen(Exception):
+    """Raised by the hooks once every linear of the block has seen its input: the rest of the forward is waste."""
+
+
 @dataclass
 class InputStatistics:
     """Running statistics of one input feature space (the input of one or more linears)."""
@@ -84,7 +88,9 @@ class StatisticsCollector:
     device: torch.device
     stats: dict[str, InputStatistics] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
+    stop_when_complete: bool = True
     _seen: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    _called: set[str] = field(default_factory=set)
     _handles: list = field(default_factory=list)
 
     def __enter__(self) -> "StatisticsCollector":
@@ -96,11 +102,17 @@ class StatisticsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._seen.clear()
+        self.end_of_batch()
 
     def end_of_batch(self) -> None:
         """Forget the tensors of the last forward call (they only identify shared inputs within one call)."""
         self._seen.clear()
+        self._called.clear()
+
+    def _done(self, name: str) -> None:
+        self._called.add(name)
+        if self.stop_when_complete and len(self._called) == len(self.views):
+            raise AllInputsSeen
 
     def _hook(self, name: str):
         def hook(module, args):
@@ -109,13 +121,14 @@ class StatisticsCollector:
             if shared_with is not None:
                 if self.owner.setdefault(name, shared_with) != shared_with:
                     raise RuntimeError(f"{name} changed which input it shares between calibration batches")
-                return
+                return self._done(name)
             if self.owner.setdefault(name, name) != name:
                 raise RuntimeError(f"{name} changed which input it shares between calibration batches")
             if name not in self.stats:
                 self.stats[name] = InputStatistics(x.shape[-1], self.needs, self.device)
             self.stats[name].update(x.detach().to(self.device))
             self._seen.append((x, name))  # holding x keeps its identity unique for the rest of this call
+            self._done(name)
 
         return hook
 

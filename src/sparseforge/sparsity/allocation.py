@@ -1,8 +1,10 @@
 """Allocations: how a model-wide target sparsity is spread over blocks and layers. Registered by name.
 
 ``uniform`` gives every layer the target. ``owl`` (Yin et al., 2024) gives blocks with more outlier features
-(weights whose Wanda score exceeds ``m`` times the block's mean) less sparsity, mapped linearly into
-``[target - lambda, target + lambda]`` with the mean held at the target. OWL needs calibration statistics, so the
+(weights whose Wanda score exceeds ``m`` times the block's mean) less sparsity, mapped linearly onto a spread of
+``2 * lambda`` with the mean held at the target. As in the reference code, the spread is centred on the mean, not
+on the middle of the range, so a block can land up to ``2 * lambda`` from the target when the ratios are skewed
+(the paper's "target +- lambda" holds only for symmetric ratios). OWL needs calibration statistics, so the
 pipeline measures the per-block outlier ratios and this module only does the arithmetic.
 """
 
@@ -41,7 +43,7 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
 
 
 def owl_sparsities(outlier_ratios: list[float], target: float, lam: float) -> list[float]:
-    """Per-block sparsities in ``[target - lam, target + lam]`` whose mean is ``target`` (equal-sized blocks).
+    """Per-block sparsities spread over ``2 * lam`` whose mean is ``target`` (equal-sized blocks).
 
     More outliers -> lower sparsity. With all ratios equal every block gets the target. Results are clipped to
     [0, 0.99], which can only move the mean when ``target`` is within ``lam`` of the ends.
