@@ -23,9 +23,10 @@ def weights(handle):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("refine", [None, "dsnot"])
-def test_unstructured_counts_are_exact(tiny, method, refine):
-    prune(tiny, method=method, sparsity=0.6, refine=refine, calibration=windows(), batch_size=4, progress=False)
+@pytest.mark.parametrize("refine, order", [(None, "sublayer"), ("dsnot", "sublayer"), ("dsnot", "block")])
+def test_unstructured_counts_are_exact(tiny, method, refine, order):
+    prune(tiny, method=method, sparsity=0.6, refine=refine, calibration=windows(), batch_size=4, order=order,
+          progress=False)
     per_row = method == "wanda"
     for view in tiny.adapter.linears():
         mask = tiny.masks[view.name]
@@ -69,26 +70,27 @@ def test_sparsity_zero_leaves_weights_unchanged(tiny, method):
 
 def test_sparsegpt_compensates_better_than_masking_alone(tiny_llama):
     """The OBS update must reduce each layer's output error relative to zeroing the same weights."""
-    from sparseforge.prune.sparsegpt import solve
+    from sparseforge.prune.sparsegpt import factorize, solve
     from sparseforge.sparsity.patterns import Unstructured
 
     torch.manual_seed(0)
     x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs, where compensation matters
     w = torch.randn(32, 64)
-    result = solve(w, x.t() @ x, Unstructured(), [0.5], [32])
+    result = solve(w, factorize(x.t() @ x), Unstructured(), [0.5], [32])
     masked = w * result.mask
     assert (x @ (w - result.weight).t()).norm() < 0.9 * (x @ (w - masked).t()).norm()
 
 
 def test_sparsegpt_lazy_blocks_match_unblocked_updates():
-    from sparseforge.prune.sparsegpt import SparseGPTConfig, solve
+    from sparseforge.prune.sparsegpt import SparseGPTConfig, factorize, solve
     from sparseforge.sparsity.patterns import NM
 
     torch.manual_seed(1)
     x = torch.randn(256, 48)
     w = torch.randn(16, 48)
-    a = solve(w, x.t() @ x, NM(2, 4), [0.5], [16], SparseGPTConfig(block_size=4))
-    b = solve(w, x.t() @ x, NM(2, 4), [0.5], [16], SparseGPTConfig(block_size=128))
+    factor = factorize(x.t() @ x)
+    a = solve(w, factor, NM(2, 4), [0.5], [16], SparseGPTConfig(block_size=4))
+    b = solve(w, factor, NM(2, 4), [0.5], [16], SparseGPTConfig(block_size=128))
     assert torch.equal(a.mask, b.mask)
     assert torch.allclose(a.weight, b.weight, atol=1e-4)
 
@@ -186,10 +188,11 @@ def test_dsnot_reduces_expected_error_and_keeps_row_counts():
 
 
 def test_dsnot_attention_only_leaves_ffn_masks_as_wanda(tiny_llama):
+    """In the reference's block order the FFN sees the same statistics with or without attention refinement."""
     plain = load_model("tiny-llama")
-    prune(plain, method="wanda", sparsity=0.6, calibration=windows(), progress=False)
+    prune(plain, method="wanda", sparsity=0.6, calibration=windows(), order="block", progress=False)
     prune(tiny_llama, method="wanda", sparsity=0.6, refine="dsnot", dsnot={"layers": "attention"},
-          calibration=windows(), progress=False)
+          calibration=windows(), order="block", progress=False)
     ffn = {v.name for v in tiny_llama.adapter.ffn(0).linears.values()}
     attn = {v.name for v in tiny_llama.adapter.attention(0).linears.values()}
     assert all(torch.equal(tiny_llama.masks[n], plain.masks[n]) for n in ffn)
@@ -208,10 +211,10 @@ def _interrupt_after(block):
     return hook
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family):
+@pytest.mark.parametrize("family, order", [("llama", "sublayer"), ("llama", "block"), ("gpt2", "sublayer")])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family, order):
     options = dict(method="sparsegpt", sparsity=0.6, allocation="owl", refine="dsnot", calibration=windows(),
-                   batch_size=4, progress=False)
+                   batch_size=4, order=order, progress=False)
     reference = load_model(f"tiny-{family}")
     prune(reference, **options)
     interrupted = load_model(f"tiny-{family}")
@@ -259,6 +262,7 @@ def test_truncated_checkpoint_is_refused(tmp_path, tiny_llama):
     (dict(dsnot={"cycles": 3}, refine="dsnot"), PatternError, "unknown dsnot option"),
     (dict(owl={"m": "five"}, allocation="owl"), PatternError, "owl option m"),
     (dict(batch_size=0), PatternError, "batch_size"),
+    (dict(order="random"), PatternError, "calibration order"),
 ])
 def test_bad_requests_fail_before_any_change(tiny_llama, text_file, kwargs, error, match):
     before = weights(tiny_llama)

@@ -42,7 +42,7 @@ def _run_prune(handle: LoadedModel, config: BaseModel, context: StageContext) ->
     data = context.recipe.data
     prune(handle, method=config.method, sparsity=config.sparsity, pattern=config.pattern, per_row=config.per_row,
           allocation=config.allocation, refine=config.refine, calibration=data.calibration, nsamples=data.nsamples,
-          seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, checkpoint_dir=context.checkpoint_dir,
+          seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, order=config.order, checkpoint_dir=context.checkpoint_dir,
           owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt, progress=context.progress)
 
 

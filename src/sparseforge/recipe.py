@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .dtypes import DTYPES
 from .errors import RecipeError, SparseforgeError
 from .prune.methods import METHODS
-from .prune.pruner import REFINEMENTS, method_options
+from .prune.pruner import ORDERS, REFINEMENTS, method_options
 from .sparsity.allocation import ALLOCATIONS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
@@ -54,7 +54,8 @@ class PruneStage(_Strict):
     per_row: bool | None = Field(None, description="compare within output rows; default: the method's choice")
     allocation: str = "uniform"
     refine: Literal[REFINEMENTS] | None = None  # type: ignore[valid-type]
-    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch")
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch (order 'block')")
+    order: Literal[ORDERS] = "sublayer"  # type: ignore[valid-type]
     owl: dict = Field(default_factory=dict, description="OWL options: m, lam")
     dsnot: dict = Field(default_factory=dict, description="DSnoT options: max_cycles, threshold, sign_check, layers")
     sparsegpt: dict = Field(default_factory=dict, description="SparseGPT options: block_size, dampening")

@@ -61,9 +61,14 @@ def _scored(score_name: str) -> PruneGroup:
 def _sparsegpt(views, stats, pattern, sparsities, options) -> GroupResult:
     """Solve the stacked rows of all linears that share this input with one inverse-Hessian factor."""
     config = sparsegpt.SparseGPTConfig(**options)
+    name = "+".join(v.name for v in views)
+    key = ("sparsegpt", config.dampening)
+    fresh = key not in stats.cache
+    if fresh:  # one factorisation per shared input, also when its linears are pruned one at a time
+        stats.cache[key] = sparsegpt.factorize(stats.hessian, config, name)
+    factor = stats.cache[key]
     stacked = torch.cat([view.weight.detach() for view in views], dim=0)
-    result = sparsegpt.solve(stacked, stats.hessian, pattern, sparsities, [v.out_features for v in views], config,
-                             name="+".join(v.name for v in views))
+    result = sparsegpt.solve(stacked, factor, pattern, sparsities, [v.out_features for v in views], config, name)
     masks, start = {}, 0
     with torch.no_grad():
         for view in views:
@@ -71,7 +76,7 @@ def _sparsegpt(views, stats, pattern, sparsities, options) -> GroupResult:
             view.weight.copy_(result.weight[start:stop].to(view.weight.dtype))
             masks[view.name] = result.mask[start:stop]
             start = stop
-    return GroupResult(masks, result.events)
+    return GroupResult(masks, factor.events if fresh else [])
 
 
 METHODS: dict[str, Method] = {

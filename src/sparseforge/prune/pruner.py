@@ -29,6 +29,7 @@ from .sequential import OWLConfig, SequentialPlan, digest, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
 REFINEMENTS = ("dsnot",)
+ORDERS = ("sublayer", "block")
 DEFAULT_SPARSITY = 0.5  # for unstructured patterns when none is given; N:M patterns fix their own
 
 
@@ -76,16 +77,18 @@ def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamp
 
 
 def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
-          owl, dsnot, sparsegpt, batch_size: int) -> SequentialPlan:
+          owl, dsnot, sparsegpt, batch_size: int, order: str) -> SequentialPlan:
     if allocation == "owl" and isinstance(pattern, NM):
         raise PatternError(f"OWL allocation varies sparsity per block; pattern {pattern.name} fixes it")
     if refine is not None and refine not in REFINEMENTS:
         raise PatternError(f"unknown refinement '{refine}'; available: {', '.join(REFINEMENTS)}")
+    if order not in ORDERS:
+        raise PatternError(f"unknown calibration order '{order}'; available: {', '.join(ORDERS)}")
     if batch_size < 1:
         raise PatternError(f"batch_size must be at least 1, got {batch_size}")
     owl, dsnot, sparsegpt = method_options(owl, dsnot, sparsegpt)
     options = vars(sparsegpt) if method.name == "sparsegpt" else {}
-    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size)
+    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size, order)
 
 
 def prune(
@@ -101,6 +104,7 @@ def prune(
     seqlen: int = 512,
     seed: int = 0,
     batch_size: int = 8,
+    order: str = "sublayer",
     device: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     owl: dict | OWLConfig | None = None,
@@ -115,6 +119,9 @@ def prune(
     compare weights within each output row (default: the method's own choice, per row for Wanda).
     ``allocation``: uniform or owl. ``refine``: None or 'dsnot'. Calibration: ``nsamples`` random windows of
     ``seqlen`` tokens of ``calibration`` (a corpus spec or a [n, seqlen] token tensor), drawn with ``seed``.
+    ``order``: 'sublayer' (one forward per block; each linear is calibrated on the outputs of the already pruned
+    linears before it, the whole calibration set in one batch) or 'block' (the reference codes' two forwards per
+    block, all linears calibrated on the dense block, ``batch_size`` windows at a time: less memory).
     ``device``: where each block is computed (default: where the model is). ``checkpoint_dir``: checkpoint after
     every block there and resume from it. Embeddings, LM head, norms and biases are not pruned. A report of the
     run is appended to ``handle.history``.
@@ -134,7 +141,7 @@ def prune(
         handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,
                                "target_sparsity": target, "allocation": allocation})
         return handle
-    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size)
+    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order)
     windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     work_device = resolve_device(device) if device is not None else None
     settings = {"model": handle.source, "model_type": handle.model_type, "dtype": str(handle.dtype),

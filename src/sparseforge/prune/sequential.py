@@ -13,6 +13,7 @@ device, so memory grows with the width of a block, not with depth. Windows go th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,13 +49,14 @@ class SequentialPlan:
     dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
     method_options: dict = field(default_factory=dict)
     batch_size: int = 8
+    order: str = "sublayer"
 
     def settings(self) -> dict:
         return {"method": self.method.name, "pattern": self.pattern.name,
                 "per_row": getattr(self.pattern, "per_row", None), "sparsity": self.sparsity,
                 "allocation": self.allocation, "owl": asdict(self.owl) if self.allocation == "owl" else None,
                 "refine": self.refine, "dsnot": asdict(self.dsnot) if self.refine else None,
-                "method_options": self.method_options, "batch_size": self.batch_size}
+                "method_options": self.method_options, "batch_size": self.batch_size, "order": self.order}
 
     @property
     def needs(self) -> frozenset[str]:
@@ -85,6 +87,7 @@ class _Blocks:
     def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
         self.adapter = handle.adapter
         self.device = device
+        self.batch_size = batch_size
         self.batches = list(windows.split(batch_size))
         self.kwargs: dict[int, dict] = {}
         model_device = next(handle.model.parameters()).device
@@ -96,11 +99,18 @@ class _Blocks:
         self.hidden = torch.cat(hidden)
         self.model_device = model_device
 
-    def run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Run block ``index`` over all windows in batches; returns the outputs (same shape as ``hidden``)."""
+    def run(self, index: int, hidden: torch.Tensor, on_input=None, needs: frozenset[str] = frozenset()) -> torch.Tensor:
+        """Run block ``index`` over all windows in batches; returns the outputs (same shape as ``hidden``).
+
+        With ``on_input(name, stats)``, each linear's input statistics are handed over before the linear runs (the
+        single-batch sub-layer order prunes the linear right there).
+        """
         out = torch.empty_like(hidden)
         start = 0
-        with torch.no_grad():
+        views = {v.name: v for v in self.adapter.block_linears(index).values()}
+        hooks = StatisticsCollector(views, needs, self.device, stop_when_complete=False, on_input=on_input) \
+            if on_input is not None else contextlib.nullcontext()
+        with hooks, torch.no_grad():
             for batch in self.batches:
                 n = batch.shape[0]
                 out[start:start + n] = self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
@@ -147,8 +157,37 @@ def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: Sequentia
     return ratios, owl_sparsities(ratios, plan.sparsity, plan.owl.lam)
 
 
-def _refine_layer(plan: SequentialPlan, role_kind: str) -> bool:
-    return plan.refine == "dsnot" and (plan.dsnot.layers == "all" or role_kind == "attention")
+class _BlockPruner:
+    """Prunes (and refines) the linears of one block, a shared-input group at a time, recording masks and events."""
+
+    def __init__(self, handle: LoadedModel, plan: SequentialPlan, index: int, sparsity: float):
+        self.handle, self.plan, self.sparsity = handle, plan, sparsity
+        linears = handle.adapter.block_linears(index)
+        attention = handle.adapter.spec.attention_linears
+        self.views = {v.name: v for v in linears.values()}
+        self.refined = {v.name for role, v in linears.items()
+                        if plan.refine == "dsnot" and (plan.dsnot.layers == "all" or role in attention)}
+        self.events: list[str] = []
+        self.swaps = 0
+
+    def prune(self, names: list[str], stats) -> None:
+        plan = self.plan
+        dense = {n: self.views[n].weight.detach().clone() for n in names if n in self.refined}
+        result = plan.method.prune_group([self.views[n] for n in names], stats, plan.pattern,
+                                         [self.sparsity] * len(names), plan.method_options)
+        self.events.extend(result.events)
+        for name, mask in result.masks.items():
+            view = self.views[name]
+            if name in dense:
+                weight, mask, count = refine(dense[name], view.weight.detach(), mask, stats, plan.pattern, plan.dsnot)
+                self.swaps += count
+                with torch.no_grad():
+                    view.weight.copy_(weight.to(view.weight.dtype))
+            mask = mask.cpu()
+            if name in self.handle.masks:  # pruning again never revives weights pruned before
+                mask &= self.handle.masks[name]
+            apply_mask(view, mask.to(view.weight.device))
+            self.handle.masks[name] = mask
 
 
 def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
@@ -162,7 +201,8 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     device = device or next(handle.model.parameters()).device
     started = time.perf_counter()
     state = checkpoint.resume()
-    blocks = _Blocks(handle, windows, plan.batch_size, device)
+    one_batch = plan.order == "sublayer" and bool(plan.needs)
+    blocks = _Blocks(handle, windows, windows.shape[0] if one_batch else plan.batch_size, device)
     first = state["next_block"]
     for index in range(first):  # replay finished blocks from the checkpoint
         saved = checkpoint.block_tensors(index)
@@ -184,39 +224,25 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                disable=not progress, unit="block")
     for index in bar:
         blocks.on_device(index)
-        linears = adapter.block_linears(index)
-        kinds = {v.name: ("attention" if role in adapter.spec.attention_linears else "ffn") for role, v in linears.items()}
-        views = {v.name: v for v in linears.values()}
-        dense = {n: v.weight.detach().clone() for n, v in views.items() if _refine_layer(plan, kinds[n])}
-        groups: list[list[str]] = [[n] for n in views]
-        collector = None
-        if plan.needs:
+        block = _BlockPruner(handle, plan, index, block_sparsity[index])
+        if not plan.needs:  # data-free method under a calibrated allocation: prune, then propagate
+            for name in block.views:
+                block.prune([name], None)
+            hidden = blocks.run(index, hidden)
+        elif plan.order == "sublayer":  # one pass: each linear is pruned the moment its (upstream-pruned) input arrives
+            hidden = blocks.run(index, hidden, on_input=lambda name, stats: block.prune([name], stats),
+                                needs=plan.needs)
+        else:  # the reference's two passes: calibrate on the dense block, prune, then propagate
             collector = blocks.calibrate(index, hidden, plan.needs)
-            groups = collector.groups()
-        target = block_sparsity[index]
-        for group in groups:
-            stats = collector.of(group[0]) if collector else None
-            result = plan.method.prune_group([views[n] for n in group], stats, plan.pattern, [target] * len(group),
-                                             plan.method_options)
-            events.extend(result.events)
-            for name, mask in result.masks.items():
-                view = views[name]
-                if name in dense:
-                    weight, mask, count = refine(dense[name], view.weight.detach(), mask, stats, plan.pattern,
-                                                 plan.dsnot)
-                    swaps += count
-                    with torch.no_grad():
-                        view.weight.copy_(weight.to(view.weight.dtype))
-                mask = mask.cpu()
-                if name in handle.masks:  # pruning again never revives weights pruned before
-                    mask &= handle.masks[name]
-                apply_mask(view, mask.to(view.weight.device))
-                handle.masks[name] = mask
-        del collector, dense
-        hidden = blocks.run(index, hidden)
+            for group in collector.groups():
+                block.prune(group, collector.of(group[0]))
+            del collector
+            hidden = blocks.run(index, hidden)
         blocks.release(index)
+        events.extend(block.events)
+        swaps += block.swaps
         tensors = {}
-        for name, view in views.items():
+        for name, view in block.views.items():
             tensors[f"{name}.weight"] = view.weight.detach()
             tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
@@ -233,7 +259,9 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         "refine": plan.refine,
         "dsnot_swaps": swaps if plan.refine else None,
         "events": events,
-        "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1], "batch_size": plan.batch_size},
+        "order": plan.order,
+        "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1],
+                        "batch_size": blocks.batch_size},
         "resumed_from_block": first or None,
         "seconds": round(time.perf_counter() - started, 3),
     }

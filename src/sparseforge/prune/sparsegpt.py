@@ -1,7 +1,7 @@
 """SparseGPT: prune columns left to right and compensate each pruned weight on the not-yet-pruned ones (OBS).
 
 Follows the reference algorithm (Frantar & Alistarh, 2023): Hessian ``H = X^T X`` of the layer input, dampened by a
-fraction of its mean diagonal; dead inputs (``H_jj = 0``) get ``H_jj = 1`` and their weights zeroed; the upper
+fraction of its mean diagonal; dead inputs (``H_jj = 0``) get ``H_jj = 1``; the upper
 Cholesky factor ``U`` of ``H^-1`` drives the updates; columns are processed in lazy blocks (updates inside a block
 are rank-1, the block's accumulated error reaches the remaining columns in one matmul). Unstructured masks are
 chosen adaptively per block from ``w^2 / U_jj^2``; N:M masks per group of M columns. Weights of dead inputs are
@@ -32,11 +32,19 @@ class SparseGPTConfig:
 
 
 @dataclass
+class Factor:
+    """What SparseGPT needs from a Hessian, computed once per shared input: ``U`` with ``U^T U = H^-1``."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor  # inputs that were always zero
+    dampening: float  # the dampening that finally worked
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SolveResult:
     weight: torch.Tensor  # [rows, in] float32, pruned and compensated
     mask: torch.Tensor  # [rows, in] bool
-    dampening: float  # the dampening that finally worked
-    events: list[str] = field(default_factory=list)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, name: str) -> tuple[torch.Tensor, float, list[str]]:
@@ -65,19 +73,23 @@ def _block_prune_count(rows: int, sparsity: float, start: int, stop: int) -> int
     return round(sparsity * rows * stop) - round(sparsity * rows * start)
 
 
-def solve(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsities: list[float],
-          segments: list[int], config: SparseGPTConfig = SparseGPTConfig(), name: str = "layer") -> SolveResult:
-    """Prune ``weight`` [rows, in] (rows = the stacked ``segments`` of linears sharing ``hessian``).
+def factorize(hessian: torch.Tensor, config: SparseGPTConfig = SparseGPTConfig(), name: str = "layer") -> Factor:
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights are free to prune
+    h[dead, dead] = 1.0
+    upper, used_damp, events = inverse_hessian_factor(h, config.dampening, name)
+    return Factor(upper, dead, used_damp, events)
+
+
+def solve(weight: torch.Tensor, factor: Factor, pattern: Pattern, sparsities: list[float], segments: list[int],
+          config: SparseGPTConfig = SparseGPTConfig(), name: str = "layer") -> SolveResult:
+    """Prune ``weight`` [rows, in] (rows = the stacked ``segments`` of linears sharing the input of ``factor``).
 
     ``sparsities`` has one target per segment (all equal for N:M). The input weight is not modified.
     """
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
     columns = w.shape[1]
-    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights are free to prune
-    h[dead, dead] = 1.0
-    upper, used_damp, events = inverse_hessian_factor(h, config.dampening, name)
-    del h
+    upper, dead = factor.upper, factor.dead
 
     mask = torch.ones_like(w, dtype=torch.bool)
     bounds = torch.cumsum(torch.tensor([0] + segments), 0).tolist()
@@ -120,4 +132,4 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsit
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1.matmul(upper[i1:i2, i2:])
     w.mul_(mask)
-    return SolveResult(w, mask, used_damp, events)
+    return SolveResult(w, mask)

@@ -10,6 +10,7 @@ shared Hessian is computed once instead of three times.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,7 @@ class InputStatistics:
     sum: torch.Tensor | None = None
     sum_squares: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)  # results derived from complete statistics (e.g. a factorisation)
 
     def __post_init__(self) -> None:
         zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
@@ -89,6 +91,7 @@ class StatisticsCollector:
     stats: dict[str, InputStatistics] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
     stop_when_complete: bool = True
+    on_input: Callable[[str, InputStatistics], None] | None = None  # called before each linear runs
     _seen: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     _called: set[str] = field(default_factory=set)
     _handles: list = field(default_factory=list)
@@ -110,6 +113,8 @@ class StatisticsCollector:
         self._called.clear()
 
     def _done(self, name: str) -> None:
+        if self.on_input is not None:
+            self.on_input(name, self.of(name))
         self._called.add(name)
         if self.stop_when_complete and len(self._called) == len(self.views):
             raise AllInputsSeen
