@@ -117,6 +117,8 @@ FILES = {
     "short.txt": "too short",
     "bad.yaml": "model: tiny-llama\nstages:\n  - prune: {method: magnitude, sparsityy: 0.5}\n",
     "wrong.yaml": "model: tiny-llama\ndata: {seqlen: lots}\n",
+    "bad_dsnot.yaml": "model: tiny-llama\nstages:\n  - prune: {method: wanda, sparsity: 0.5, refine: dsnot, dsnot: {cycles: 3}}\n",
+    "tiny.txt": "a few words of calibration text",
 }
 
 # arguments: "@name" is a file from FILES written for the test, "%name" a fixture's path
@@ -139,6 +141,15 @@ CASES = {
     "absent GPU": (["eval", "tiny-llama", "--device", "cuda:99"], "cuda:99"),
     "unknown device": (["prune", "tiny-llama", "--device", "abacus"], "unknown device 'abacus'"),
     "unknown export format": (["prune", "tiny-llama", "--format", "zip"], "export.format"),
+    "unknown method": (["prune", "tiny-llama", "--method", "obs"], "unknown method 'obs'"),
+    "unknown allocation": (["prune", "tiny-llama", "--allocation", "erk"], "unknown allocation 'erk'"),
+    "unknown refinement": (["prune", "tiny-llama", "--method", "wanda", "--refine", "dsnt"], "refine"),
+    "OWL with N:M": (["prune", "tiny-llama", "--method", "wanda", "--allocation", "owl", "--pattern", "2:4",
+                      "--no-ppl"], "OWL"),
+    "zero calibration windows": (["prune", "tiny-llama", "--method", "wanda", "--nsamples", "0"], "nsamples"),
+    "calibration text too short": (["prune", "tiny-llama", "--method", "wanda", "--calibration", "@tiny.txt",
+                                    "--seqlen", "64", "--no-ppl"], "too few"),
+    "unknown DSnoT option": (["run", "@bad_dsnot.yaml"], "unknown dsnot option(s) cycles"),
 }
 
 

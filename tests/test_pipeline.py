@@ -35,3 +35,37 @@ def test_interrupted_run_leaves_no_run_directory(text_file, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(_recipe(text_file), tmp_path / "run", progress=False)
     assert list(tmp_path.iterdir()) == [text_file]
+
+
+def _calibrated(text_file):
+    return parse_recipe({
+        "model": "tiny-llama",
+        "data": {"calibration": str(text_file), "evaluation": str(text_file), "seqlen": 32, "nsamples": 4,
+                 "eval_windows": 2},
+        "stages": [{"prune": {"method": "sparsegpt", "sparsity": 0.6, "allocation": "owl", "refine": "dsnot"}}],
+        "export": {"format": "auto"},
+    })
+
+
+def test_calibrated_run_resumes_after_interruption_and_cleans_up(text_file, tmp_path, monkeypatch):
+    reference = pipeline.run_recipe(_calibrated(text_file), tmp_path / "reference", progress=False)
+    real_prune = pipeline.prune
+
+    def interrupted_after_first_block(*args, **kwargs):
+        def stop(index):
+            raise KeyboardInterrupt
+
+        return real_prune(*args, after_block=stop, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prune", interrupted_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(_calibrated(text_file), tmp_path / "run", progress=False)
+    checkpoints = pipeline.checkpoint_root(tmp_path / "run")
+    assert (checkpoints / "stage_0" / "state.json").is_file() and not (tmp_path / "run").exists()
+    monkeypatch.setattr(pipeline, "prune", real_prune)
+    resumed = pipeline.run_recipe(_calibrated(text_file), tmp_path / "run", progress=False)
+    assert resumed["stages"][0]["resumed_from_block"] == 1
+    assert resumed["sparsity"]["per_layer"] == reference["sparsity"]["per_layer"]
+    assert resumed["metrics"]["after"]["perplexity"] == reference["metrics"]["after"]["perplexity"]
+    assert not checkpoints.exists()
+    assert resumed["stages"][0]["block_sparsity"] == reference["stages"][0]["block_sparsity"]

@@ -81,37 +81,55 @@ def _print_summary(report: dict, out_dir: str) -> None:
 @app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    method: str = typer.Option("magnitude", help="pruning method (score)"),
+    method: str = typer.Option("magnitude", help="magnitude (no data), wanda, or sparsegpt"),
     sparsity: Optional[float] = typer.Option(None, help="fraction of prunable weights to remove, in [0, 1); "
                                                          "default 0.5 for unstructured, implied by N:M"),
     pattern: str = typer.Option("unstructured", help="'unstructured' or N:M (N kept of every M inputs), e.g. 2:4"),
-    per_row: bool = typer.Option(False, "--per-row", help="unstructured threshold per output row, not per layer"),
+    per_row: Optional[bool] = typer.Option(None, "--per-row/--per-layer",
+                                           help="unstructured threshold per output row or per layer "
+                                                "(default: the method's choice, per row for wanda)"),
+    allocation: str = typer.Option("uniform", help="how sparsity is spread over blocks: uniform or owl"),
+    refine: Optional[str] = typer.Option(None, help="training-free mask refinement after pruning: dsnot"),
+    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    nsamples: int = typer.Option(64, help="number of calibration windows"),
+    seqlen: int = typer.Option(512, help="window length in tokens (calibration and evaluation)"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    order: str = typer.Option("sublayer", help="sublayer: one pass per block, each linear calibrated on pruned "
+                                               "upstream outputs; block: the reference two-pass order, less memory"),
+    batch_size: int = typer.Option(8, help="calibration windows per forward batch (block order)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>-<amount>)"),
     format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
     dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
-    seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
 ) -> None:
-    """Prune a model one-shot, evaluate before and after, export it, and write a report."""
+    """Prune a model one-shot, evaluate before and after, export it, and write a report.
+
+    Calibrated methods checkpoint after every block; rerunning the same command after an interruption resumes.
+    """
     from .pipeline import run_recipe
+    from .prune.pruner import DEFAULT_SPARSITY
     from .recipe import parse_recipe
 
     if sparsity is None and pattern == "unstructured":
-        sparsity = 0.5
+        sparsity = DEFAULT_SPARSITY
     recipe = parse_recipe({
         "model": model,
         "device": device,
-        "data": {"evaluation": data, "eval_seqlen": seqlen, "eval_windows": eval_windows},
-        "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row}}],
+        "data": {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                 "evaluation": data, "eval_windows": eval_windows},
+        "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
+                              "allocation": allocation, "refine": refine, "order": order,
+                              "batch_size": batch_size}}],
         "evaluate": {"perplexity": ppl},
         "export": {"format": format, "dtype": dtype},
     }, origin="arguments")
     out_dir = out_dir or _default_out(model, method, pattern, sparsity)
-    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log), out_dir)
+    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
 
 
 @app.command("eval")
@@ -190,14 +208,18 @@ def run(
     recipe: Path = typer.Argument(..., help="recipe YAML: model, data, stages, evaluate, export"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<recipe name>)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
 ) -> None:
-    """Run a recipe and write a run directory (model/, report.json, report.md, plots)."""
+    """Run a recipe and write a run directory (model/, report.json, report.md, plots).
+
+    Calibrated stages checkpoint after every block; rerunning the same command after an interruption resumes.
+    """
     from .pipeline import run_recipe
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe)
     out_dir = out_dir or str(Path("runs") / recipe.stem)
-    _print_summary(run_recipe(loaded, out_dir, overwrite=overwrite, log=_log), out_dir)
+    _print_summary(run_recipe(loaded, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
 
 
 def _version(value: bool) -> None:

@@ -53,10 +53,11 @@ class InputStatistics:
         self.tokens += flat.shape[0]
         if self.hessian is not None:
             self.hessian.addmm_(flat.t(), flat)
+        # reductions without a full-size temporary (a squared copy of a 32k x 1536 input is 200 MB)
         if self.sum_squares is not None:
-            self.sum_squares += flat.square().sum(0, dtype=torch.float64)
+            self.sum_squares += torch.linalg.vector_norm(flat, dim=0).double().square()
         if self.sum is not None:
-            self.sum += flat.sum(0, dtype=torch.float64)
+            self.sum += flat.sum(0).double()
 
     # --- derived quantities (all float32, on the statistics' device) --------------------------------------------
     def squared_norms(self) -> torch.Tensor:
