@@ -6,6 +6,7 @@ calibration windows and the same evaluation windows, written once to safetensors
 
 * ``compare``: ours vs llm-compressor, Wanda and SparseGPT at 50% unstructured and 2:4 (ratios side by side);
 * ``grid``: every method x {plain, OWL, DSnoT} x {50%, 60%, 70%, 2:4, 4:8};
+* ``dsnot``: the DSnoT choices the reference leaves open (refined linears, sign check), measured on Wanda;
 * ``depth``: peak memory of pruning a random 4-block and 8-block model, to show it grows with one block only.
 
     ../.venv/bin/python oneshot.py --part compare --nsamples 64 --seqlen 512
@@ -168,6 +169,24 @@ def grid(args) -> list[str]:
     return [_table(["config", "order", "perplexity", "achieved sparsity", "prune s", "peak RSS MiB"], rows)]
 
 
+def dsnot_choices(args) -> list[str]:
+    """The two choices the DSnoT reference leaves ambiguous: which linears to refine, and the sign check."""
+    rows = []
+    for pattern, sparsity in (("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
+        base = {"method": "wanda", "pattern": pattern, "sparsity": sparsity, "order": args.orders[0]}
+        plain = _run_ours(args, base)
+        rows.append([_label(base), "-", "-", f"{plain['perplexity']:.2f}", "-"])
+        print(rows[-1], flush=True)
+        for layers in ("all", "attention"):
+            for sign_check in (False, True):
+                options = {"dsnot": {"layers": layers, "sign_check": sign_check}}
+                result = _run_ours(args, {**base, "refine": "dsnot", "options": options})
+                rows.append([_label({**base, "refine": "dsnot"}), layers, sign_check, f"{result['perplexity']:.2f}",
+                             f"{result['perplexity'] / plain['perplexity']:.3f}"])
+                print(rows[-1], flush=True)
+    return [_table(["config", "refined linears", "sign check", "perplexity", "vs plain Wanda"], rows)]
+
+
 def depth(args) -> list[str]:
     rows = []
     for blocks in (4, 8):
@@ -184,7 +203,7 @@ def depth(args) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["compare", "grid", "depth"], default="compare")
+    parser.add_argument("--part", choices=["compare", "grid", "dsnot", "depth"], default="compare")
     parser.add_argument("--model", default="default")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -226,7 +245,7 @@ def main() -> None:
             windows, _ = prepare_evaluation(handle, "default", args.seqlen, args.eval_windows)
             save_file({"input_ids": windows.contiguous()}, str(args.evaluation))
             del handle
-        lines = {"compare": compare, "grid": grid, "depth": depth}[args.part](args)
+        lines = {"compare": compare, "grid": grid, "dsnot": dsnot_choices, "depth": depth}[args.part](args)
     print("\n".join(lines))
 
 

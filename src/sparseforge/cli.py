@@ -96,7 +96,7 @@ def prune(
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     order: str = typer.Option("sublayer", help="sublayer: one pass per block, each linear calibrated on pruned "
                                                "upstream outputs; block: the reference two-pass order, less memory"),
-    batch_size: int = typer.Option(8, help="calibration windows per forward batch (block order)"),
+    batch_size: int = typer.Option(8, help="calibration windows per forward batch"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>-<amount>)"),
     format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
     dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),

@@ -54,7 +54,7 @@ class PruneStage(_Strict):
     per_row: bool | None = Field(None, description="compare within output rows; default: the method's choice")
     allocation: str = "uniform"
     refine: Literal[REFINEMENTS] | None = None  # type: ignore[valid-type]
-    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch (order 'block')")
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch")
     order: Literal[ORDERS] = "sublayer"  # type: ignore[valid-type]
     owl: dict = Field(default_factory=dict, description="OWL options: m, lam")
     dsnot: dict = Field(default_factory=dict, description="DSnoT options: max_cycles, threshold, sign_check, layers")

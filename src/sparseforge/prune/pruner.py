@@ -120,8 +120,8 @@ def prune(
     ``allocation``: uniform or owl. ``refine``: None or 'dsnot'. Calibration: ``nsamples`` random windows of
     ``seqlen`` tokens of ``calibration`` (a corpus spec or a [n, seqlen] token tensor), drawn with ``seed``.
     ``order``: 'sublayer' (one forward per block; each linear is calibrated on the outputs of the already pruned
-    linears before it, the whole calibration set in one batch) or 'block' (the reference codes' two forwards per
-    block, all linears calibrated on the dense block, ``batch_size`` windows at a time: less memory).
+    linears before it) or 'block' (the reference codes' two forwards per block, all linears calibrated on the
+    dense block: slower, and the least memory). Windows go through a block ``batch_size`` at a time.
     ``device``: where each block is computed (default: where the model is). ``checkpoint_dir``: checkpoint after
     every block there and resume from it. Embeddings, LM head, norms and biases are not pruned. A report of the
     run is appended to ``handle.history``.

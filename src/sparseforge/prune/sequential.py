@@ -13,7 +13,6 @@ device, so memory grows with the width of a block, not with depth. Windows go th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ from .checkpoint import Checkpoint
 from .methods import Method
 from .scorers import wanda_scores
 from .statistics import AllInputsSeen, StatisticsCollector
+from .sublayer import run_block_pruning_sublayers
 
 
 @dataclass
@@ -88,48 +88,36 @@ class _Blocks:
         self.adapter = handle.adapter
         self.device = device
         self.batch_size = batch_size
-        self.batches = list(windows.split(batch_size))
         self.kwargs: dict[int, dict] = {}
+        self.ranges: list[tuple[int, int]] = []
         model_device = next(handle.model.parameters()).device
         hidden = []
-        for batch in self.batches:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size]
             h, kwargs = self.adapter.capture_block_inputs(batch.to(model_device), 0)
             self.kwargs.setdefault(batch.shape[0], _to(kwargs, device))
             hidden.append(h.to(device))
+            self.ranges.append((start, start + batch.shape[0]))
         self.hidden = torch.cat(hidden)
         self.model_device = model_device
 
-    def run(self, index: int, hidden: torch.Tensor, on_input=None, needs: frozenset[str] = frozenset()) -> torch.Tensor:
-        """Run block ``index`` over all windows in batches; returns the outputs (same shape as ``hidden``).
-
-        With ``on_input(name, stats)``, each linear's input statistics are handed over before the linear runs (the
-        single-batch sub-layer order prunes the linear right there).
-        """
-        out = torch.empty_like(hidden)
-        start = 0
-        views = {v.name: v for v in self.adapter.block_linears(index).values()}
-        hooks = StatisticsCollector(views, needs, self.device, stop_when_complete=False, on_input=on_input) \
-            if on_input is not None else contextlib.nullcontext()
-        with hooks, torch.no_grad():
-            for batch in self.batches:
-                n = batch.shape[0]
-                out[start:start + n] = self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
-                start += n
-        return out
+    def run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run block ``index`` over all windows in batches, in place: each batch's output replaces its input."""
+        with torch.no_grad():
+            for start, stop in self.ranges:
+                hidden[start:stop] = self.adapter.run_block(index, hidden[start:stop], self.kwargs[stop - start])
+        return hidden
 
     def calibrate(self, index: int, hidden: torch.Tensor, needs: frozenset[str]) -> StatisticsCollector:
         """Gather the input statistics of block ``index``'s linears; the forward stops after the last linear's input."""
         views = {v.name: v for v in self.adapter.block_linears(index).values()}
-        start = 0
         with StatisticsCollector(views, needs, self.device) as collector, torch.no_grad():
-            for batch in self.batches:
-                n = batch.shape[0]
+            for start, stop in self.ranges:
                 try:
-                    self.adapter.run_block(index, hidden[start:start + n], self.kwargs[n])
+                    self.adapter.run_block(index, hidden[start:stop], self.kwargs[stop - start])
                 except AllInputsSeen:
                     pass
                 collector.end_of_batch()
-                start += n
         return collector
 
     def on_device(self, index: int):
@@ -146,6 +134,7 @@ def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: Sequentia
     """OWL's first pass: outlier ratios of Wanda scores, block by block on the dense model."""
     ratios = []
     adapter = blocks.adapter
+    hidden = hidden.clone()  # the pruning pass starts again from block 0's inputs
     for index in tqdm(range(adapter.num_blocks), desc="OWL outlier ratios", disable=not progress, unit="block"):
         blocks.on_device(index)
         views = {v.name: v for v in adapter.block_linears(index).values()}
@@ -201,8 +190,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     device = device or next(handle.model.parameters()).device
     started = time.perf_counter()
     state = checkpoint.resume()
-    one_batch = plan.order == "sublayer" and bool(plan.needs)
-    blocks = _Blocks(handle, windows, windows.shape[0] if one_batch else plan.batch_size, device)
+    blocks = _Blocks(handle, windows, plan.batch_size, device)
     first = state["next_block"]
     for index in range(first):  # replay finished blocks from the checkpoint
         saved = checkpoint.block_tensors(index)
@@ -230,8 +218,8 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 block.prune([name], None)
             hidden = blocks.run(index, hidden)
         elif plan.order == "sublayer":  # one pass: each linear is pruned the moment its (upstream-pruned) input arrives
-            hidden = blocks.run(index, hidden, on_input=lambda name, stats: block.prune([name], stats),
-                                needs=plan.needs)
+            run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs, plan.needs, device,
+                                        lambda name, stats: block.prune([name], stats))
         else:  # the reference's two passes: calibrate on the dense block, prune, then propagate
             collector = blocks.calibrate(index, hidden, plan.needs)
             for group in collector.groups():

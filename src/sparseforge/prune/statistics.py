@@ -10,7 +10,6 @@ shared Hessian is computed once instead of three times.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -92,7 +91,6 @@ class StatisticsCollector:
     stats: dict[str, InputStatistics] = field(default_factory=dict)
     owner: dict[str, str] = field(default_factory=dict)
     stop_when_complete: bool = True
-    on_input: Callable[[str, InputStatistics], None] | None = None  # called before each linear runs
     _seen: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     _called: set[str] = field(default_factory=set)
     _handles: list = field(default_factory=list)
@@ -114,8 +112,6 @@ class StatisticsCollector:
         self._called.clear()
 
     def _done(self, name: str) -> None:
-        if self.on_input is not None:
-            self.on_input(name, self.of(name))
         self._called.add(name)
         if self.stop_when_complete and len(self._called) == len(self.views):
             raise AllInputsSeen
