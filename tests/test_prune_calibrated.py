@@ -135,7 +135,7 @@ def test_statistics_match_direct_computation(tiny_llama):
     stats.update(x[:2])
     stats.update(x[2:])
     flat = x.reshape(-1, 8)
-    assert torch.allclose(stats.hessian, flat.t() @ flat, atol=1e-5)
+    assert torch.allclose(stats.hessian_matrix(), flat.t() @ flat, atol=1e-4)
     assert torch.allclose(stats.norms(), flat.norm(dim=0), atol=1e-5)
     assert torch.allclose(stats.mean(), flat.mean(0), atol=1e-6)
     assert torch.allclose(stats.variance(), flat.var(0, unbiased=False), atol=1e-5)
@@ -300,3 +300,15 @@ def test_sublayer_order_calibrates_on_pruned_upstream_outputs():
     first = sub.adapter.attention(0).linears
     assert torch.equal(sub.masks[first["q"].name], blk.masks[first["q"].name])  # same dense input
     assert not torch.equal(sub.masks[first["o"].name], blk.masks[first["o"].name])
+
+
+def test_hessian_from_upper_strips_is_the_full_gram_matrix():
+    from sparseforge.prune.statistics import InputStatistics
+
+    x = torch.randn(2, 50, 600, dtype=torch.float64).float()
+    stats = InputStatistics(600, frozenset({"hessian"}), torch.device("cpu"))
+    stats.update(x)
+    flat = x.reshape(-1, 600)
+    full = stats.hessian_matrix()
+    assert torch.allclose(full, flat.t() @ flat, rtol=1e-4, atol=1e-3)
+    assert torch.equal(full, full.t())

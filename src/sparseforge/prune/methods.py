@@ -65,7 +65,7 @@ def _sparsegpt(views, stats, pattern, sparsities, options) -> GroupResult:
     key = ("sparsegpt", config.dampening)
     fresh = key not in stats.cache
     if fresh:  # one factorisation per shared input, also when its linears are pruned one at a time
-        stats.cache[key] = sparsegpt.factorize(stats.hessian, config, name)
+        stats.cache[key] = sparsegpt.factorize(stats.hessian_matrix(), config, name)
     factor = stats.cache[key]
     stacked = torch.cat([view.weight.detach() for view in views], dim=0)
     result = sparsegpt.solve(stacked, factor, pattern, sparsities, [v.out_features for v in views], config, name)

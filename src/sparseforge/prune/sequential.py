@@ -179,6 +179,22 @@ class _BlockPruner:
             self.handle.masks[name] = mask
 
 
+def _shared_roles(adapter, index: int, owner: dict[str, str]) -> dict[str, list[str]]:
+    """Which roles read the same input as which (e.g. q -> [k, v]), as observed in block ``index``."""
+    role = {v.name: r for r, v in adapter.block_linears(index).items()}
+    roles: dict[str, list[str]] = {}
+    for name, first in owner.items():
+        if name != first:
+            roles.setdefault(role[first], []).append(role[name])
+    return roles
+
+
+def _hint(adapter, index: int, shared_roles: dict[str, list[str]]) -> dict[str, list[str]]:
+    linears = adapter.block_linears(index)
+    return {linears[r].name: [linears[o].name for o in others if o in linears]
+            for r, others in shared_roles.items() if r in linears}
+
+
 def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
                      device: torch.device | None = None, progress: bool = True,
                      after_block=None) -> dict:
@@ -208,6 +224,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     events: list[str] = list(checkpoint.state.get("events", []))
     swaps = int(checkpoint.state.get("swaps", 0))
 
+    shared_roles: dict[str, list[str]] = dict(checkpoint.state.get("shared_roles", {}))  # exact on resume
     bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                disable=not progress, unit="block")
     for index in bar:
@@ -218,8 +235,9 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 block.prune([name], None)
             hidden = blocks.run(index, hidden)
         elif plan.order == "sublayer":  # one pass: each linear is pruned the moment its (upstream-pruned) input arrives
-            run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs, plan.needs, device,
-                                        lambda name, stats: block.prune([name], stats))
+            owner = run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs, plan.needs,
+                                                device, block.prune, _hint(adapter, index, shared_roles))
+            shared_roles = _shared_roles(adapter, index, owner)
         else:  # the reference's two passes: calibrate on the dense block, prune, then propagate
             collector = blocks.calibrate(index, hidden, plan.needs)
             for group in collector.groups():
@@ -234,7 +252,8 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
             tensors[f"{name}.weight"] = view.weight.detach()
             tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
-        checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps)
+        checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps,
+                        shared_roles=shared_roles)
         if after_block is not None:
             after_block(index)
     return {

@@ -22,6 +22,21 @@ class AllInputsSeen(Exception):
     """Raised by the hooks once every linear of the block has seen its input: the rest of the forward is waste."""
 
 
+GRAM_STRIP = 256
+
+
+def _add_upper_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the upper triangle (and diagonal blocks) of ``x^T x`` to ``gram``, one matmul per strip of rows.
+
+    ``X^T X`` is symmetric, and BLAS has no symmetric rank-k update in torch; strips of ``GRAM_STRIP`` rows cut
+    the work to about half (58% for a 1536-wide input), on strided views, without copies.
+    """
+    width = x.shape[1]
+    for start in range(0, width, GRAM_STRIP):
+        stop = min(start + GRAM_STRIP, width)
+        gram[start:stop, start:].addmm_(x[:, start:stop].t(), x[:, start:])
+
+
 @dataclass
 class InputStatistics:
     """Running statistics of one input feature space (the input of one or more linears)."""
@@ -51,7 +66,7 @@ class InputStatistics:
         flat = x.reshape(-1, self.features).float()
         self.tokens += flat.shape[0]
         if self.hessian is not None:
-            self.hessian.addmm_(flat.t(), flat)
+            _add_upper_gram(self.hessian, flat)
         # reductions without a full-size temporary (a squared copy of a 32k x 1536 input is 200 MB)
         if self.sum_squares is not None:
             self.sum_squares += torch.linalg.vector_norm(flat, dim=0).double().square()
@@ -59,6 +74,10 @@ class InputStatistics:
             self.sum += flat.sum(0).double()
 
     # --- derived quantities (all float32, on the statistics' device) --------------------------------------------
+    def hessian_matrix(self) -> torch.Tensor:
+        """The full symmetric ``X^T X`` (only its upper triangle is accumulated)."""
+        return torch.triu(self.hessian) + torch.triu(self.hessian, 1).t()
+
     def squared_norms(self) -> torch.Tensor:
         """sum over calibration tokens of x_j^2 (the Hessian's diagonal when only the Hessian was kept)."""
         if self.sum_squares is not None:

@@ -26,11 +26,17 @@ from .statistics import InputStatistics
 
 def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch.Tensor,
                                 batches: list[tuple[int, int]], kwargs: dict[int, dict], needs: frozenset[str],
-                                device: torch.device,
-                                prune_linear: Callable[[str, InputStatistics], None]) -> None:
+                                device: torch.device, prune_group: Callable[[list[str], InputStatistics], None],
+                                shared_hint: dict[str, list[str]] | None = None) -> dict[str, str]:
     """Run block ``index`` over ``hidden`` (in place: each batch's output replaces its input), pruning each linear
-    through ``prune_linear(name, stats)`` just before the calibration windows pass through it."""
+    through ``prune_group(names, stats)`` just before the calibration windows pass through it.
+
+    ``shared_hint`` maps a linear to the linears expected to share its input (learnt from the previous block):
+    they are pruned together, in one stacked solve, and the hint is verified when they run. Returns which linear
+    owns each linear's input statistics, to serve as the next block's hint.
+    """
     views = {v.name: v for v in adapter.block_linears(index).values()}
+    shared_hint = shared_hint or {}
     stats: dict[str, InputStatistics] = {}
     owner: dict[str, str] = {}
     done: set[str] = set()
@@ -40,14 +46,17 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
 
     def hook_for(name: str):
         def hook(module, args):
-            if name in done:
-                return
             x = args[0]
             batch = id(greenlet.getcurrent())
             shared = next((o for t, o in seen.setdefault(batch, []) if t is x), None)
+            if name in done:
+                if owner[name] != name and shared != owner[name]:
+                    raise RuntimeError(f"{name} was pruned with the statistics of {owner[name]}'s input, "
+                                       "but it reads a different input")
+                return
             if shared is not None:  # same input as a linear already pruned on complete statistics
                 owner[name] = shared
-                prune_linear(name, stats[shared])
+                prune_group([name], stats[shared])
                 done.add(name)
                 return
             if name not in stats:
@@ -78,11 +87,15 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
                 raise RuntimeError(f"calibration batches of block {index} diverged: waiting at {sorted(names)}")
             if names:
                 name = names.pop()
-                prune_linear(name, stats[name])
-                done.add(name)
+                group = [name] + [n for n in shared_hint.get(name, []) if n in views and n not in done]
+                prune_group(group, stats[name])
+                for member in group:
+                    owner[member] = name
+                    done.add(member)
     finally:
         for handle in handles:
             handle.remove()
     missing = set(views) - done
     if missing:
         raise RuntimeError(f"linears {sorted(missing)} of block {index} were never called")
+    return owner
