@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..memory import release_freed_memory
 from ..models.handle import LoadedModel
 from ..refine.dsnot import DSnoTConfig, refine
 from ..sparsity.allocation import outlier_ratio, owl_sparsities
@@ -127,6 +128,7 @@ class _Blocks:
 
     def release(self, index: int) -> None:
         self.adapter.blocks()[index].to(self.model_device)
+        release_freed_memory()
 
 
 def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: SequentialPlan,

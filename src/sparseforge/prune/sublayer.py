@@ -15,6 +15,7 @@ others are pruned on the same, complete statistics when the first batch reaches 
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -40,7 +41,7 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
     stats: dict[str, InputStatistics] = {}
     owner: dict[str, str] = {}
     done: set[str] = set()
-    seen: dict[int, list[tuple[torch.Tensor, str]]] = {}
+    seen: dict[int, list[tuple[weakref.ref, str]]] = {}
     waiting: dict[int, str] = {}
     scheduler = greenlet.getcurrent()
 
@@ -48,7 +49,7 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
         def hook(module, args):
             x = args[0]
             batch = id(greenlet.getcurrent())
-            shared = next((o for t, o in seen.setdefault(batch, []) if t is x), None)
+            shared = next((o for ref, o in seen.setdefault(batch, []) if ref() is x), None)
             if name in done:
                 if owner[name] != name and shared != owner[name]:
                     raise RuntimeError(f"{name} was pruned with the statistics of {owner[name]}'s input, "
@@ -62,7 +63,7 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
             if name not in stats:
                 stats[name] = InputStatistics(x.shape[-1], needs, device)
             stats[name].update(x.detach())
-            seen[batch].append((x, name))  # holding x keeps its identity unique while this batch runs
+            seen[batch].append((weakref.ref(x), name))  # a dead reference never matches a new tensor
             waiting[batch] = name
             scheduler.switch()
 
