@@ -312,3 +312,16 @@ def test_hessian_from_upper_strips_is_the_full_gram_matrix():
     full = stats.hessian_matrix()
     assert torch.allclose(full, flat.t() @ flat, rtol=1e-4, atol=1e-3)
     assert torch.equal(full, full.t())
+
+
+@pytest.mark.parametrize("order", ["sublayer", "block"])
+def test_pruning_records_no_autograd_graph_and_leaves_grad_mode_alone(tiny_llama, order):
+    """Batches interleaved as greenlets share the thread's grad mode: none may build a graph or leave it changed."""
+    recorded = []
+    hook = tiny_llama.adapter.blocks()[1].register_forward_hook(lambda m, a, out: recorded.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    prune(tiny_llama, method="sparsegpt", sparsity=0.5, calibration=windows(), batch_size=2, order=order,
+          progress=False)
+    hook.remove()
+    assert recorded and not any(recorded)
+    assert torch.is_grad_enabled()

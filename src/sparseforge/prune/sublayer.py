@@ -70,29 +70,30 @@ def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch
         return hook
 
     def run_batch(start: int, stop: int) -> None:
-        with torch.no_grad():
-            out = adapter.run_block(index, hidden[start:stop], kwargs[stop - start])
-            hidden[start:stop] = out
+        # no grad-mode context in here: grad mode is per thread, so greenlets entering and leaving their own
+        # contexts in interleaved order would restore each other's state; the driver below holds one for all
+        hidden[start:stop] = adapter.run_block(index, hidden[start:stop], kwargs[stop - start])
         seen.pop(id(greenlet.getcurrent()), None)
 
     handles = [view.module.register_forward_pre_hook(hook_for(name)) for name, view in views.items()]
     try:
-        lets = [greenlet(lambda s=start, e=stop: run_batch(s, e)) for start, stop in batches]
-        while any(not g.dead for g in lets):
-            waiting.clear()
-            for g in lets:
-                if not g.dead:
-                    g.switch()
-            names = set(waiting.values())
-            if len(names) > 1 or (names and len(waiting) != sum(not g.dead for g in lets)):
-                raise RuntimeError(f"calibration batches of block {index} diverged: waiting at {sorted(names)}")
-            if names:
-                name = names.pop()
-                group = [name] + [n for n in shared_hint.get(name, []) if n in views and n not in done]
-                prune_group(group, stats[name])
-                for member in group:
-                    owner[member] = name
-                    done.add(member)
+        with torch.no_grad():
+            lets = [greenlet(lambda s=start, e=stop: run_batch(s, e)) for start, stop in batches]
+            while any(not g.dead for g in lets):
+                waiting.clear()
+                for g in lets:
+                    if not g.dead:
+                        g.switch()
+                names = set(waiting.values())
+                if len(names) > 1 or (names and len(waiting) != sum(not g.dead for g in lets)):
+                    raise RuntimeError(f"calibration batches of block {index} diverged: waiting at {sorted(names)}")
+                if names:
+                    name = names.pop()
+                    group = [name] + [n for n in shared_hint.get(name, []) if n in views and n not in done]
+                    prune_group(group, stats[name])
+                    for member in group:
+                        owner[member] = name
+                        done.add(member)
     finally:
         for handle in handles:
             handle.remove()
