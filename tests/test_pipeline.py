@@ -68,4 +68,6 @@ def test_calibrated_run_resumes_after_interruption_and_cleans_up(text_file, tmp_
     assert resumed["sparsity"]["per_layer"] == reference["sparsity"]["per_layer"]
     assert resumed["metrics"]["after"]["perplexity"] == reference["metrics"]["after"]["perplexity"]
     assert not checkpoints.exists()
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    assert "OWL block sparsities" in report_md and "resumed from block 1" in report_md
     assert resumed["stages"][0]["block_sparsity"] == reference["stages"][0]["block_sparsity"]

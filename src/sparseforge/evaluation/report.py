@@ -84,6 +84,26 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
     return rows
 
 
+def _stage_lines(stages: list[dict]) -> list[str]:
+    """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
+    lines = []
+    for index, stage in enumerate(stages):
+        title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
+        lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]
+        calibration = stage.get("calibration")
+        if calibration:
+            lines.append(f"- calibration: {calibration['windows']} windows x {calibration['seqlen']} tokens, "
+                         f"order `{stage.get('order')}`, {stage.get('seconds', 0):.1f} s")
+        if stage.get("allocation") == "owl" and stage.get("block_sparsity"):
+            lines.append("- OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
+        if stage.get("dsnot_swaps") is not None:
+            lines.append(f"- DSnoT swaps: {stage['dsnot_swaps']:,}")
+        if stage.get("resumed_from_block"):
+            lines.append(f"- resumed from block {stage['resumed_from_block']} of an interrupted run")
+        lines += [f"- event: {event}" for event in stage.get("events", [])]
+    return lines
+
+
 def render_markdown(report: dict, recipe_yaml: str) -> str:
     lines = [f"# sparseforge run: {report['model']['source']}", ""]
     lines += ["| metric | before | after |", "|---|---|---|"]
@@ -103,6 +123,7 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
     if export:
         lines += ["", f"Export: format `{export['format']}` ({export['dtype']}), weights {export['weight_bytes']:,} "
                       f"bytes, directory {export['directory_bytes']:,} bytes, in `model/`."]
+    lines += _stage_lines(report.get("stages") or [])
     lines += ["", f"![per-layer sparsity]({SPARSITY_PLOT})", "", "## Timings (s)", "",
               "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
