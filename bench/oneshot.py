@@ -127,8 +127,10 @@ def compare(args) -> list[str]:
     lines, rows = [], []
     dense = _run_ours(args, {"method": "dense", "pattern": "unstructured"})
     lines.append(f"dense perplexity: {dense['perplexity']:.3f}")
-    for method in ("wanda", "sparsegpt"):
+    for method in args.methods:
         for pattern, sparsity in (("unstructured", 0.5), ("2:4", None)):
+            if pattern not in args.patterns:
+                continue
             config = {"method": method, "pattern": pattern, "sparsity": sparsity}
             ours = {order: _run_ours(args, {**config, "order": order}) for order in args.orders}
             theirs = _run_llmcompressor(args, python, default_model_dir(), method, pattern, sparsity)
@@ -148,16 +150,20 @@ def compare(args) -> list[str]:
     return lines
 
 
+def _amounts(args) -> list[tuple[str, float | None]]:
+    """'0.5' -> unstructured 50%, '2:4' -> that pattern."""
+    return [(a, None) if ":" in a else ("unstructured", float(a)) for a in args.amounts]
+
+
 def grid(args) -> list[str]:
     rows = []
     dense = _run_ours(args, {"method": "dense", "pattern": "unstructured"})
     rows.append(["dense", "-", f"{dense['perplexity']:.2f}", "-", "-", "-"])
-    amounts = [("unstructured", 0.5), ("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None), ("4:8", None)]
-    for pattern, sparsity in amounts:
+    for pattern, sparsity in _amounts(args):
         for method in ("magnitude", "wanda", "sparsegpt"):
             variants = [{}, {"refine": "dsnot"}]
             if pattern == "unstructured":
-                variants.insert(1, {"allocation": "owl"})
+                variants[1:1] = [{"allocation": "owl"}, {"allocation": "owl", "refine": "dsnot"}]
             for variant in variants:
                 config = {"method": method, "pattern": pattern, "sparsity": sparsity, "order": args.orders[0],
                           **variant}
@@ -172,7 +178,7 @@ def grid(args) -> list[str]:
 def dsnot_choices(args) -> list[str]:
     """The two choices the DSnoT reference leaves ambiguous: which linears to refine, and the sign check."""
     rows = []
-    for pattern, sparsity in (("unstructured", 0.6), ("unstructured", 0.7), ("2:4", None)):
+    for pattern, sparsity in _amounts(args):
         base = {"method": "wanda", "pattern": pattern, "sparsity": sparsity, "order": args.orders[0]}
         plain = _run_ours(args, base)
         rows.append([_label(base), "-", "-", f"{plain['perplexity']:.2f}", "-"])
@@ -211,6 +217,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--orders", nargs="+", default=["sublayer"], choices=["sublayer", "block"])
+    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], choices=["wanda", "sparsegpt"],
+                        help="compare: which methods")
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], choices=["unstructured", "2:4"],
+                        help="compare: 50%% unstructured and/or 2:4")
+    parser.add_argument("--amounts", nargs="+", default=["0.5", "0.6", "0.7", "2:4", "4:8"],
+                        help="grid and dsnot: unstructured sparsities and/or N:M patterns")
     parser.add_argument("--llmcompressor-venv", type=Path,
                         default=Path(os.environ.get("SPARSEFORGE_CACHE", "~/.cache/sparseforge")).expanduser()
                         / "llmcompressor-venv")
