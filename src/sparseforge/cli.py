@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -234,8 +235,18 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     _quiet_libraries()
 
 
+def _interrupt_on_sigterm() -> None:
+    """Treat ``kill`` like Ctrl-C, so temporary output is removed and checkpoints stay consistent."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
     """Entry point: readable one-line errors and exit codes instead of tracebacks for bad input."""
+    _interrupt_on_sigterm()
     try:
         app(standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -247,7 +258,8 @@ def main() -> None:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("interrupted; no partial output was left behind")
+        console.print("interrupted; no partial output was left behind (calibrated pruning keeps its finished "
+                      "blocks: rerun the same command to resume)")
         sys.exit(130)
 
 
