@@ -1,10 +1,13 @@
 """The layer-sequential calibration pipeline: prune a model one decoder block at a time.
 
 1. Capture the inputs of block 0 for the calibration windows (embeddings only; the forward stops at block 0).
-2. For each block: run it densely on its inputs with hooks that gather the statistics the method needs; prune its
-   linears, one shared-input group at a time; optionally refine the masks (DSnoT); run the pruned block to get the
-   inputs of the next block (so each block is calibrated on what the pruned model upstream really produces);
-   checkpoint.
+   With OWL, one dense pass over all blocks first measures each block's outlier ratio.
+2. For each block, in ``block`` order (the reference codes'): run it densely on its inputs with hooks that gather
+   the statistics the method needs; prune its linears, one shared-input group at a time, optionally refining the
+   masks (DSnoT); run the pruned block to get the inputs of the next block. In ``sublayer`` order
+   (:mod:`.sublayer`) one pass does both: each linear is pruned when every batch has reached it. Either way each
+   block is calibrated on what the pruned model upstream really produces.
+3. Checkpoint the block's weights and masks and the next block's inputs.
 
 Only one block's inputs, outputs and statistics are resident, and only the current block moves to the working
 device, so memory grows with the width of a block, not with depth. Windows go through a block in batches of
