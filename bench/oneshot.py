@@ -145,8 +145,10 @@ def compare(args) -> list[str]:
     lines.append(_table(["config", "our order", "ppl ours", "ppl llm-compressor", "ppl ratio", "prune s ours",
                          "prune s llm-compressor", "time ratio", "peak RSS MiB ours", "peak RSS MiB llm-compressor",
                          "RSS ratio"], rows))
+    import transformers
+
     lines.append(f"llm-compressor: {theirs.get('llmcompressor_version')}, transformers "
-                 f"{theirs.get('transformers_version')}; ours: transformers {dense.get('transformers', '')}".strip())
+                 f"{theirs.get('transformers_version')}; ours: transformers {transformers.__version__}")
     return lines
 
 
