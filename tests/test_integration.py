@@ -62,6 +62,7 @@ def test_calibrated_methods_beat_magnitude_on_the_real_model(method, sparsity, p
         handle = sf.load_model("default")
         sf.prune(handle, method=name, sparsity=sparsity, pattern=pattern, nsamples=8, seqlen=128, progress=False)
         metrics = sf.evaluate(handle, perplexity=True, seqlen=512, windows=2, progress=False)
-        assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-6)
+        # masks are exact; a few kept weights of the de-quantised model are themselves exactly zero
+        assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-4)
         results[name] = metrics["perplexity"]["perplexity"]
     assert math.isfinite(results[method]) and results[method] < 0.5 * results["magnitude"]
