@@ -1,9 +1,9 @@
 """Per-block checkpoints of the layer-sequential pipeline, so an interrupted run resumes where it stopped.
 
-After block ``i`` is pruned the checkpoint holds: the block's new weights and masks (``block_XXXX.safetensors``),
-the inputs of block ``i + 1`` (``hidden_XXXX.safetensors``) and ``state.json`` naming the next block. Each file is
-written under a temporary name and renamed, and the state is written last, so a kill at any moment leaves a
-checkpoint whose state points at complete files. A checkpoint remembers the settings that made it; a rerun with
+After block ``i`` is pruned the checkpoint holds: the block's new weights and masks (``block_0003.safetensors``
+for block 3), the inputs of block ``i + 1`` (``hidden_0004.safetensors``) and ``state.json`` naming the next
+block. Each file is written under a temporary name and renamed, and the state is written last, so a kill at any
+moment leaves a checkpoint whose state points at complete files. A checkpoint remembers the settings that made it; a rerun with
 different settings is refused instead of mixing two runs.
 """
 

@@ -12,7 +12,6 @@ import os
 from dataclasses import fields
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.sources import load_corpus
 from ..data.windows import calibration_windows, tokenize_corpus
@@ -21,11 +20,10 @@ from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
 from ..refine.dsnot import DSnoTConfig
 from ..sparsity.allocation import get_allocation
-from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
 from .checkpoint import Checkpoint
 from .methods import Method, get_method
-from .sequential import OWLConfig, SequentialPlan, digest, prune_sequential
+from .sequential import OWLConfig, SequentialPlan, digest, prune_data_free, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
 REFINEMENTS = ("dsnot",)
@@ -136,12 +134,12 @@ def prune(
     layers = list(handle.adapter.linears())
     for view in layers:
         pat.validate((view.out_features, view.in_features), view.name)
+    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order)
     if not needs_calibration:
-        _prune_data_free(handle, chosen, pat, target, layers, progress)
+        prune_data_free(handle, plan, progress)
         handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,
                                "target_sparsity": target, "allocation": allocation})
         return handle
-    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order)
     windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     work_device = resolve_device(device) if device is not None else None
     settings = {"model": handle.source, "model_type": handle.model_type, "dtype": str(handle.dtype),
@@ -152,13 +150,3 @@ def prune(
                               after_block)
     handle.history.append({"stage": "prune", **report})
     return handle
-
-
-def _prune_data_free(handle: LoadedModel, method: Method, pattern: Pattern, target: float, layers, progress) -> None:
-    for view in tqdm(layers, desc=f"{method.name} {pattern.name}", disable=not progress, unit="layer"):
-        mask = method.prune_group([view], None, pattern, [target], {}).masks[view.name].cpu()
-        if view.name in handle.masks:  # pruning again never revives weights pruned before
-            mask &= handle.masks[view.name]
-            apply_mask(view, mask.to(view.weight.device))
-        handle.masks[view.name] = mask
-

@@ -156,11 +156,11 @@ class _BlockPruner:
 
     def __init__(self, handle: LoadedModel, plan: SequentialPlan, index: int, sparsity: float):
         self.handle, self.plan, self.sparsity = handle, plan, sparsity
-        linears = handle.adapter.block_linears(index)
-        attention = handle.adapter.spec.attention_linears
-        self.views = {v.name: v for v in linears.values()}
-        self.refined = {v.name for role, v in linears.items()
-                        if plan.refine == "dsnot" and (plan.dsnot.layers == "all" or role in attention)}
+        adapter = handle.adapter
+        self.views = {v.name: v for v in adapter.block_linears(index).values()}
+        refinable = self.views if plan.dsnot.layers == "all" else \
+            {v.name for v in adapter.attention(index).linears.values()}
+        self.refined = set(refinable) if plan.refine == "dsnot" else set()
         self.events: list[str] = []
         self.swaps = 0
 
@@ -198,6 +198,16 @@ def _hint(adapter, index: int, shared_roles: dict[str, list[str]]) -> dict[str, 
     linears = adapter.block_linears(index)
     return {linears[r].name: [linears[o].name for o in others if o in linears]
             for r, others in shared_roles.items() if r in linears}
+
+
+def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = True) -> None:
+    """Uniform pruning by a method that needs no data: every linear directly, no forward pass at all."""
+    adapter = handle.adapter
+    for index in tqdm(range(adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
+                      disable=not progress, unit="block"):
+        block = _BlockPruner(handle, plan, index, plan.sparsity)
+        for name in block.views:
+            block.prune([name], None)
 
 
 def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
@@ -238,7 +248,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         if not plan.needs:  # data-free method under a calibrated allocation: prune, then propagate
             for name in block.views:
                 block.prune([name], None)
-            hidden = blocks.run(index, hidden)
+            blocks.run(index, hidden)
         elif plan.order == "sublayer":  # one pass: each linear is pruned the moment its (upstream-pruned) input arrives
             owner = run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs, plan.needs,
                                                 device, block.prune, _hint(adapter, index, shared_roles))
