@@ -85,6 +85,30 @@ export: {{format: bitmask, dtype: float16}}
     assert metrics["speed"]["decode_tokens_per_s"] > 0 and metrics["speed"]["setup"]["threads"] >= 1
 
 
+def test_eval_tasks_qa_and_speed_next_to_a_baseline(capsys, monkeypatch, tmp_path):
+    out_dir = tmp_path / "eval"
+    code, out, err = run_cli(capsys, monkeypatch, "eval", "tiny-llama", "--baseline", "tiny-llama", "--no-ppl",
+                             "--tasks", "arc_easy,winogrande", "--qa", "nq_open", "--qa-prompt", "plain",
+                             "--limit", "2", "--speed", "--repeats", "1", "--new-tokens", "2", "--threads", "1",
+                             "--out", out_dir)
+    assert code == 0, err
+    assert "zero-shot tasks and knowledge QA" in out
+    report = json.loads((out_dir / "report.json").read_text())
+    after, before = report["metrics"]["after"], report["metrics"]["before"]
+    assert set(after["zero_shot"]) == {"arc_easy", "winogrande"} and after["zero_shot"]["arc_easy"]["items"] == 2
+    assert after["zero_shot"]["arc_easy"]["metrics"] == before["zero_shot"]["arc_easy"]["metrics"]  # same model
+    assert after["qa"]["nq_open"]["metrics"]["agreement_with_reference"] == 1.0
+    assert after["speed"]["setup"]["threads"] == 1 and "cpu" in after["speed"]["setup"]["machine"]
+    markdown = (out_dir / "report.md").read_text()
+    assert "| arc_easy | acc |" in markdown and "100.0%" in markdown and "lm-eval's hub task scores the test" in markdown
+
+
+@pytest.fixture
+def weights_only_model(tmp_path):
+    load_model("tiny-llama").model.save_pretrained(tmp_path / "weights")
+    return tmp_path / "weights"
+
+
 @pytest.fixture
 def nan_model(tmp_path):
     handle = load_model("tiny-llama")
@@ -119,6 +143,7 @@ FILES = {
     "wrong.yaml": "model: tiny-llama\ndata: {seqlen: lots}\n",
     "bad_dsnot.yaml": "model: tiny-llama\nstages:\n  - prune: {method: wanda, sparsity: 0.5, refine: dsnot, dsnot: {cycles: 3}}\n",
     "tiny.txt": "a few words of calibration text",
+    "bad_tasks.yaml": "model: tiny-llama\nevaluate: {tasks: [arc_easy, mmlu]}\n",
 }
 
 # arguments: "@name" is a file from FILES written for the test, "%name" a fixture's path
@@ -150,6 +175,15 @@ CASES = {
     "calibration text too short": (["prune", "tiny-llama", "--method", "wanda", "--calibration", "@tiny.txt",
                                     "--seqlen", "64", "--no-ppl"], "too few"),
     "unknown DSnoT option": (["run", "@bad_dsnot.yaml"], "unknown dsnot option(s) cycles"),
+    "unknown task": (["eval", "tiny-llama", "--no-ppl", "--tasks", "arc_easy,arc_hard"],
+                     "unknown task 'arc_hard'; available: arc_easy, arc_challenge, piqa"),
+    "QA task given as zero-shot": (["eval", "tiny-llama", "--no-ppl", "--tasks", "triviaqa"], "unknown task 'triviaqa'"),
+    "limit 0": (["eval", "tiny-llama", "--no-ppl", "--tasks", "piqa", "--limit", "0"], "--limit must be at least 1"),
+    "unknown QA prompt": (["eval", "tiny-llama", "--no-ppl", "--qa", "nq_open", "--qa-prompt", "haiku"],
+                          "unknown QA prompt format 'haiku'"),
+    "model without a tokenizer": (["eval", "%weights_only_model", "--no-ppl", "--tasks", "piqa", "--limit", "1"],
+                                  "has no tokenizer, which task evaluation needs"),
+    "unknown task in a recipe": (["run", "@bad_tasks.yaml"], "evaluate.tasks"),
 }
 
 
@@ -168,7 +202,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(case, capsys, monkeypatch, t
     args, pattern = CASES[case]
     args = [_resolve(a, request, tmp_path) for a in args]
     out_dir = tmp_path / "out"
-    if args[0] in ("prune", "run"):
+    if args[0] in ("prune", "run", "eval"):
         args += ["--out", out_dir]
     before = set(tmp_path.iterdir())
     code, _, err = run_cli(capsys, monkeypatch, *args)

@@ -27,6 +27,27 @@ def test_stages_compose_and_speed_is_measured_before_and_after(text_file, tmp_pa
     assert "prefill tokens/s" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_zero_shot_and_qa_are_measured_before_and_after_with_retained_columns(text_file, tmp_path):
+    recipe = _recipe(text_file, tasks=["piqa"], qa=["triviaqa"], limit=2, qa_prompt="plain")
+    report = pipeline.run_recipe(recipe, tmp_path / "run", progress=False)
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert before["zero_shot"]["piqa"]["items"] == after["zero_shot"]["piqa"]["items"] == 2
+    assert "agreement_with_reference" in after["qa"]["triviaqa"]["metrics"]
+    assert "agreement_with_reference" not in before["qa"]["triviaqa"]["metrics"]
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "| piqa | acc |" in markdown and "| retained |" in markdown and "agreement_with_reference" in markdown
+
+
+def test_a_recipe_without_stages_measures_once(text_file, tmp_path, monkeypatch):
+    calls = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    recipe = parse_recipe({"model": "tiny-llama", "data": {"evaluation": str(text_file), "eval_seqlen": 32,
+                                                           "eval_windows": 1}, "export": None})
+    report = pipeline.run_recipe(recipe, tmp_path / "run", progress=False)
+    assert len(calls) == 1 and report["metrics"]["before"] == report["metrics"]["after"]
+
+
 def test_interrupted_run_leaves_no_run_directory(text_file, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

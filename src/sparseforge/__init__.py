@@ -23,13 +23,31 @@ from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 
 
 def evaluate(model: LoadedModel, perplexity: bool = True, speed: bool = False, data: str = "default",
-             seqlen: int = 512, windows: int | None = None, progress: bool = True, **speed_options) -> dict:
-    """Measure ``model``: sparsity, parameters, and optionally perplexity (pinned protocol) and speed."""
-    from .evaluation.suite import evaluate as _evaluate
-    from .evaluation.suite import prepare_evaluation
+             seqlen: int = 512, windows: int | None = None, tasks: str | list[str] | None = None,
+             qa: str | list[str] | None = None, limit: int | None = None, qa_prompt: str = "plain-5shot",
+             baseline: LoadedModel | None = None, progress: bool = True, **speed_options) -> dict:
+    """Measure ``model`` like ``sparseforge eval``: sparsity, parameters, and optionally perplexity (pinned protocol),
+    zero-shot ``tasks`` and knowledge ``qa`` through lm-eval (``limit`` items each), and speed (``speed_options``:
+    batch_size, prompt_len, new_tokens, repeats, threads).
 
-    tokens, corpus = prepare_evaluation(model, data, seqlen, windows) if perplexity else (None, None)
-    return _evaluate(model, tokens, corpus, speed=speed, speed_options=speed_options, progress=progress)
+    Returns the model's metrics. With a ``baseline`` (the dense model), it is measured first with the same settings,
+    its metrics are returned under ``"baseline"``, QA answers are compared with its answers, and speed is measured
+    alternately with it.
+    """
+    from .evaluation.session import EvalSettings, evaluate_session
+    from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
+
+    renamed = {"batch_size": "speed_batch_size", "prompt_len": "speed_prompt_tokens", "new_tokens": "speed_new_tokens",
+               "repeats": "speed_repeats", "threads": "speed_threads"}
+    settings = EvalSettings(perplexity=perplexity, data=data, seqlen=seqlen, windows=windows, limit=limit,
+                            tasks=parse_task_names(tasks, ZERO_SHOT_TASKS) if tasks else [],
+                            qa=parse_task_names(qa, QA_TASKS) if qa else [], qa_prompt=qa_prompt, speed=speed,
+                            **{renamed.get(k, k): v for k, v in speed_options.items()})
+    report = evaluate_session(model, settings, baseline, progress=progress)
+    metrics = report["metrics"]["after"]
+    if baseline is not None:
+        metrics["baseline"] = report["metrics"]["before"]
+    return metrics
 
 
 def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, progress: bool = True) -> dict:

@@ -136,6 +136,14 @@ def prune(
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
+    tasks: Optional[str] = typer.Option(None, help="zero-shot tasks through lm-eval, comma-separated or 'all': "
+                                        "arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, openbookqa, "
+                                        "lambada_openai"),
+    qa: Optional[str] = typer.Option(None, help="knowledge QA by greedy generation: triviaqa, nq_open, or 'all'"),
+    limit: Optional[int] = typer.Option(None, help="at most this many items per task (default all)"),
+    qa_prompt: str = typer.Option("plain-5shot", help="QA prompt format: plain, plain-5shot, chat, chat-5shot"),
+    baseline: Optional[str] = typer.Option(None, help="also measure this (dense) model with the same settings, "
+                                           "for 'retained' columns, QA agreement and speed ratios"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity under the pinned protocol"),
     speed: bool = typer.Option(False, "--speed", help="prefill and decode tokens/s (median of repeats)"),
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
@@ -145,34 +153,63 @@ def eval_command(
     prompt_tokens: int = typer.Option(128, help="prompt length for the speed measurement"),
     new_tokens: int = typer.Option(32, help="decoded tokens for the speed measurement"),
     repeats: int = typer.Option(3, help="repeats for the speed measurement (median reported)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement (default: all)"),
+    dtype: Optional[str] = typer.Option(None, help="compute dtype: float32, float16, bfloat16 (default: the model's)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="write report.json and report.md into this directory"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
-    """Evaluate a model: perplexity, sparsity, parameters, and optionally speed."""
-    from . import evaluate, load_model
+    """Evaluate a model: perplexity, sparsity, zero-shot tasks, knowledge QA and speed, optionally next to a baseline."""
     from .atomic import atomic_write_text
+    from .evaluation.session import EvalSettings, evaluate_session, write_eval_report
+    from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
+    from .models.loading import load_model
 
-    handle = load_model(model, device=device)
-    metrics = evaluate(handle, perplexity=ppl, speed=speed, data=data, seqlen=seqlen, windows=windows,
-                       batch_size=batch_size, prompt_len=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
-    table = Table(title=f"{model}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    if "perplexity" in metrics:
-        p = metrics["perplexity"]
-        table.add_row("perplexity", f"{p['perplexity']:.3f}")
-        table.add_row("protocol", f"{p['dataset']} ({p['split']}), {p['windows']} x {p['seqlen']} tokens, BOS {p['bos']}")
-    table.add_row("sparsity (prunable linears)", f"{metrics['sparsity']:.2%}")
-    table.add_row("parameters", f"{metrics['parameters']['total']:,}")
-    table.add_row("nonzero parameters", f"{metrics['parameters']['nonzero']:,}")
-    if "speed" in metrics:
-        s = metrics["speed"]
-        table.add_row("prefill tokens/s", f"{s['prefill_tokens_per_s']:.1f}")
-        table.add_row("decode tokens/s", f"{s['decode_tokens_per_s']:.1f}")
-        table.add_row("speed setup", ", ".join(f"{k}={v}" for k, v in s["setup"].items()))
-    out.print(table)
+    settings = EvalSettings(perplexity=ppl, data=data, seqlen=seqlen, windows=windows, limit=limit,
+                            tasks=parse_task_names(tasks, ZERO_SHOT_TASKS) if tasks else [],
+                            qa=parse_task_names(qa, QA_TASKS) if qa else [], qa_prompt=qa_prompt, speed=speed,
+                            speed_batch_size=batch_size, speed_prompt_tokens=prompt_tokens, speed_new_tokens=new_tokens,
+                            speed_repeats=repeats, speed_threads=threads)
+    handle = load_model(model, dtype=dtype, device=device)
+    reference = load_model(baseline, dtype=dtype, device=device) if baseline else None
+    report = evaluate_session(handle, settings, reference)
+    _print_eval(report)
+    if out_dir:
+        write_eval_report(report, out_dir, overwrite=overwrite)
+        _log(f"report written to {out_dir}/report.md")
     if json_out:
-        atomic_write_text(json_out, json.dumps(metrics, indent=1))
+        atomic_write_text(json_out, json.dumps(report["metrics"]["after"], indent=1))
+
+
+def _print_eval(report: dict) -> None:
+    from .evaluation.report import task_rows
+
+    metrics, reference = report["metrics"]["after"], report["metrics"]["before"]
+    table = Table(title=report["model"]["source"])
+    for column in ("metric", "baseline", "model") if reference else ("metric", "value"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+
+    def row(name: str, pick) -> None:
+        values = [pick(m) for m in ((reference, metrics) if reference else (metrics,))]
+        table.add_row(name, *values)
+
+    if "perplexity" in metrics:
+        row("perplexity", lambda m: f"{m['perplexity']['perplexity']:.3f}")
+    row("sparsity (prunable linears)", lambda m: f"{m['sparsity']:.2%}")
+    row("nonzero parameters", lambda m: f"{m['parameters']['nonzero']:,}")
+    if "speed" in metrics:
+        row("prefill tokens/s", lambda m: f"{m['speed']['prefill_tokens_per_s']:.1f}")
+        row("decode tokens/s", lambda m: f"{m['speed']['decode_tokens_per_s']:.1f}")
+    out.print(table)
+    rows = task_rows(reference, metrics)
+    if rows:
+        tasks = Table(title="zero-shot tasks and knowledge QA")
+        for column in ("task", "metric", "baseline", "model", "retained"):
+            tasks.add_column(column, justify="left" if column in ("task", "metric") else "right")
+        for values in rows:
+            tasks.add_row(*values)
+        out.print(tasks)
 
 
 @app.command()

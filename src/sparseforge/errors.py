@@ -36,3 +36,11 @@ class PatternError(SparseforgeError):
 
 class RecipeError(SparseforgeError):
     pass
+
+
+class EvaluationError(SparseforgeError):
+    pass
+
+
+class MissingTokenizerError(SparseforgeError):
+    pass

@@ -88,24 +88,31 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
                 windows, corpus = prepare_evaluation(handle, recipe.data.evaluation, recipe.data.evaluation_seqlen,
                                                      recipe.data.eval_windows)
         log("evaluating before")
+        measured = recipe.evaluate
+        task_options = {"tasks": measured.tasks, "qa": measured.qa, "limit": measured.limit,
+                        "qa_prompt": measured.qa_prompt}
         with _timed(timings, "evaluate_before"):
-            before = evaluate(handle, windows, corpus, progress=progress)
+            before = evaluate(handle, windows, corpus, progress=progress, **task_options)
         dense = copy.deepcopy(handle.model) if recipe.evaluate.speed else None
         for index, stage in enumerate(recipe.stages):
             log(f"stage {index}: {stage.kind}")
             with _timed(timings, f"stage_{index}_{stage.kind}"):
                 context = StageContext(recipe, checkpoints / f"stage_{index}", progress)
                 STAGE_RUNNERS[stage.kind](handle, stage.config, context)
-        log("evaluating after")
-        with _timed(timings, "evaluate_after"):
-            after = evaluate(handle, windows, corpus, progress=progress)
+        if recipe.stages:
+            log("evaluating after")
+            with _timed(timings, "evaluate_after"):
+                after = evaluate(handle, windows, corpus, progress=progress, reference=before, **task_options)
+        else:  # nothing changed the model: measuring it again would only repeat the numbers
+            after = copy.deepcopy(before)
         if dense is not None:
             with _timed(timings, "speed"):
                 speed = compare_speed({"before": dense, "after": handle.model},
                                       batch_size=recipe.evaluate.speed_batch_size,
                                       prompt_len=recipe.evaluate.speed_prompt_tokens,
                                       new_tokens=recipe.evaluate.speed_new_tokens,
-                                      repeats=recipe.evaluate.speed_repeats)
+                                      repeats=recipe.evaluate.speed_repeats,
+                                      threads=recipe.evaluate.speed_threads)
             before["speed"] = {"setup": speed["setup"], **speed["results"]["before"]}
             after["speed"] = {"setup": speed["setup"], **speed["results"]["after"]}
             del dense

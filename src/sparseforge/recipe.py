@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .dtypes import DTYPES
 from .errors import RecipeError, SparseforgeError
+from .evaluation.qa import DEFAULT_PROMPT, PROMPT_FORMATS
+from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
 from .prune.methods import METHODS
 from .prune.pruner import ORDERS, REFINEMENTS, method_options
 from .sparsity.allocation import ALLOCATIONS
@@ -103,11 +105,29 @@ class StageEntry(_Strict):
 
 class EvaluateConfig(_Strict):
     perplexity: bool = True
+    tasks: list[str] = Field(default_factory=list, description="zero-shot tasks (lm-eval), e.g. [arc_easy, piqa]; [all]")
+    qa: list[str] = Field(default_factory=list, description="knowledge QA by greedy generation: triviaqa, nq_open")
+    limit: int | None = Field(None, ge=1, description="at most this many items per task (default all)")
+    qa_prompt: str = DEFAULT_PROMPT
     speed: bool = False
     speed_batch_size: int = Field(1, ge=1)
     speed_prompt_tokens: int = Field(128, ge=1)
     speed_new_tokens: int = Field(32, ge=1)
     speed_repeats: int = Field(3, ge=1)
+    speed_threads: int | None = Field(None, ge=1, description="torch threads while timing (default: unchanged)")
+
+    @field_validator("tasks", "qa")
+    @classmethod
+    def _known_tasks(cls, value: list[str], info) -> list[str]:
+        try:
+            return parse_task_names(value, ZERO_SHOT_TASKS if info.field_name == "tasks" else QA_TASKS) if value else []
+        except SparseforgeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("qa_prompt")
+    @classmethod
+    def _known_prompt(cls, value: str) -> str:
+        return _registered(value, PROMPT_FORMATS, "QA prompt format")
 
 
 class ExportConfig(_Strict):

@@ -104,6 +104,58 @@ def _stage_lines(stages: list[dict]) -> list[str]:
     return lines
 
 
+_HIGHER_IS_BETTER = ("acc", "acc_norm", "exact_match", "lm_eval_exact_match")
+
+
+def task_rows(before: dict | None, after: dict) -> list[list[str]]:
+    """Rows ``task, metric, before, after, retained`` for zero-shot and QA results.
+
+    "Retained" is after / before for metrics where higher is better (the share of the dense model's score a
+    compressed model keeps, as FactorLLM reports it); agreement with the reference only exists after.
+    """
+    rows = []
+    for section in ("zero_shot", "qa"):
+        for task, result in (after.get(section) or {}).items():
+            reference = ((before or {}).get(section) or {}).get(task, {}).get("metrics", {})
+            for metric, value in result["metrics"].items():
+                if metric.endswith("_stderr"):
+                    continue
+                error = result["metrics"].get(f"{metric}_stderr")
+                shown = _fmt(value, 4) + (f" ± {error:.4f}" if error is not None else "")
+                old = reference.get(metric)
+                retained = f"{value / old:.1%}" if metric in _HIGHER_IS_BETTER and old else "–"
+                rows.append([task, metric, _fmt(old, 4), shown, retained])
+    return rows
+
+
+def task_section(before: dict | None, after: dict, labels: tuple[str, str] = ("before", "after")) -> list[str]:
+    """Markdown for the task table, each task's split, items and time, and how it differs from lm-eval's hub task."""
+    rows = task_rows(before, after)
+    if not rows:
+        return []
+    lines = ["", "## Zero-shot tasks and knowledge QA", "", f"| task | metric | {labels[0]} | {labels[1]} | retained |",
+             "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "| task | items | split | seconds | note |", "|---|---|---|---|---|"]
+    for section in ("zero_shot", "qa"):
+        for task, result in (after.get(section) or {}).items():
+            extra = f" prompt `{result['prompt']}`." if "prompt" in result else ""
+            lines.append(f"| {task} | {result['items']} of {result['items_available']} | {result['split']} | "
+                         f"{result['seconds']} | {result['note']}{extra} |")
+    lines += ["", "Scored with lm-evaluation-harness task definitions on offline data (see the notes); QA exact match "
+                  "is SQuAD-normalised against any gold answer, lm-eval's own exact match is listed next to it."]
+    return lines
+
+
+def speed_sentence(setup: dict) -> str:
+    machine = setup.get("machine") or {}
+    where = f" ({machine.get('cpu')}, {machine.get('cpu_cores')} cores" + (f", {machine['gpu']}" if machine.get("gpu") else "") + ")"
+    return (f"Speed: batch {setup['batch_size']}, prompt {setup['prompt_tokens']} tokens, {setup['new_tokens']} new "
+            f"tokens (greedy, KV cache), {setup['threads']} threads, {setup['dtype']} on {setup['device']}"
+            f"{where if machine else ''}, median of {setup['repeats']} after a warm-up; models measured alternately "
+            "in the same process.")
+
+
 def render_markdown(report: dict, recipe_yaml: str) -> str:
     lines = [f"# sparseforge run: {report['model']['source']}", ""]
     lines += ["| metric | before | after |", "|---|---|---|"]
@@ -115,20 +167,39 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
                       f"tokens), BOS policy '{protocol['bos']}', token-level exp(mean NLL)."]
     speed = (report["metrics"].get("after") or {}).get("speed")
     if speed:
-        s = speed["setup"]
-        lines += ["", f"Speed: batch {s['batch_size']}, prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new "
-                      f"tokens, {s['threads']} threads, {s['dtype']} on {s['device']}, median of {s['repeats']}; "
-                      f"before and after measured alternately in the same process."]
+        lines += ["", speed_sentence(speed["setup"])]
     export = report.get("export")
     if export:
         lines += ["", f"Export: format `{export['format']}` ({export['dtype']}), weights {export['weight_bytes']:,} "
                       f"bytes, directory {export['directory_bytes']:,} bytes, in `model/`."]
+    lines += task_section(report["metrics"].get("before"), report["metrics"].get("after") or {})
     lines += _stage_lines(report.get("stages") or [])
     lines += ["", f"![per-layer sparsity]({SPARSITY_PLOT})", "", "## Timings (s)", "",
               "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
     lines += ["", f"Peak memory: {report['peak_memory_mb']:.0f} MB.", "", "## Recipe", "", "```yaml",
               recipe_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def render_eval_markdown(report: dict) -> str:
+    """The report of ``sparseforge eval``: one model, or a model next to its baseline measured in the same run."""
+    has_baseline = report.get("baseline") is not None
+    labels = (f"baseline ({report['baseline']['source']})" if has_baseline else "–", report["model"]["source"])
+    lines = [f"# sparseforge eval: {report['model']['source']}", "", f"| metric | {labels[0]} | {labels[1]} |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(b)} | {_fmt(a)} |" for name, b, a in _metric_rows(report)]
+    protocol = report["metrics"]["after"].get("perplexity")
+    if protocol:
+        lines += ["", f"Perplexity protocol: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} "
+                      f"windows of {protocol['seqlen']} tokens, BOS policy '{protocol['bos']}', token-level."]
+    speed = report["metrics"]["after"].get("speed")
+    if speed:
+        lines += ["", speed_sentence(speed["setup"])]
+    lines += task_section(report["metrics"]["before"], report["metrics"]["after"], ("baseline", "model"))
+    lines += ["", "## Timings (s)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in report["timings"].items()]
+    lines += ["", f"Peak memory: {report['peak_memory_mb']:.0f} MB.", ""]
     return "\n".join(lines)
 
 

@@ -1,16 +1,45 @@
 """Prefill and decode throughput, measured the way the evaluation protocol pins it.
 
-Stated: batch size, prompt length, new tokens, threads, dtype and device. Each measurement is repeated and the
-median reported; a warm-up run comes first. To compare a dense and a compressed model, measure both in the same
-process with :func:`compare_speed`, which alternates them so that drift (thermal, other load) hits both alike.
+Stated: batch size, prompt length, new tokens, threads, dtype, device and the machine. Each measurement is repeated
+and the median reported; a warm-up run comes first. Decoding is greedy with the KV cache, prompt time excluded. To
+compare a dense and a compressed model, measure both in the same process with :func:`compare_speed`, which
+alternates them so that drift (thermal, other load) hits both alike. Every later claim of a speed-up uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import statistics
 import time
 
 import torch
+
+
+def machine_description() -> dict:
+    """What the numbers were measured on: CPU model and cores, memory, GPU (if any), torch build."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    memory_gb = None
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "memory_gb": memory_gb, "gpu": gpu,
+            "os": platform.platform(), "torch": torch.__version__}
+
+
+@contextlib.contextmanager
+def _threads(count: int | None):
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _sync(device: torch.device) -> None:
@@ -47,7 +76,8 @@ def _setup(model, batch_size: int, prompt_len: int, new_tokens: int, repeats: in
     param = next(model.parameters())
     return {"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "threads": torch.get_num_threads(), "dtype": str(param.dtype).removeprefix("torch."),
-            "device": str(param.device), "statistic": "median"}
+            "device": str(param.device), "statistic": "median", "warmup": 1, "decoding": "greedy, KV cache",
+            "order": "models alternated within each repeat", "machine": machine_description()}
 
 
 def _prompt(model, batch_size: int, prompt_len: int, seed: int) -> torch.Tensor:
@@ -58,8 +88,17 @@ def _prompt(model, batch_size: int, prompt_len: int, seed: int) -> torch.Tensor:
 
 
 def compare_speed(models: dict[str, torch.nn.Module], batch_size: int = 1, prompt_len: int = 128,
-                  new_tokens: int = 32, repeats: int = 5, seed: int = 0) -> dict:
-    """Measure several models alternately in one process; returns setup plus tokens/s per model."""
+                  new_tokens: int = 32, repeats: int = 5, seed: int = 0, threads: int | None = None) -> dict:
+    """Measure several models alternately in one process; returns setup plus tokens/s per model.
+
+    ``threads`` sets torch's intra-op threads for the measurement (default: leave as is). Ratios between models
+    measured in one call are the numbers to quote; absolute tokens/s from different calls are not comparable.
+    """
+    with _threads(threads):
+        return _compare(models, batch_size, prompt_len, new_tokens, repeats, seed)
+
+
+def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed) -> dict:
     first = next(iter(models.values()))
     ids = _prompt(first, batch_size, prompt_len, seed)
     timings = {name: {"prefill": [], "decode": []} for name in models}

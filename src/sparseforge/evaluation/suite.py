@@ -1,4 +1,5 @@
-"""One call that measures a model the same way for every method: perplexity, sparsity, parameters, speed."""
+"""One call that measures a model the same way for every method: perplexity, sparsity, parameters, zero-shot tasks,
+knowledge QA and speed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from ..data.sources import load_corpus
 from ..data.windows import evaluation_windows, tokenize_corpus
 from ..errors import DataError
 from ..models.handle import LoadedModel
+from .harness import lm_eval_model
 from .perplexity import perplexity
+from .qa import DEFAULT_PROMPT, knowledge_qa
 from .speed import measure_speed
 from .stats import parameter_counts, sparsity_summary
+from .zeroshot import zero_shot
 
 
 def check_window_length(handle: LoadedModel, seqlen: int) -> None:
@@ -25,16 +29,30 @@ def prepare_evaluation(handle: LoadedModel, data: str = "default", seqlen: int =
     """Tokenised evaluation windows and the description of where they came from."""
     check_window_length(handle, seqlen)
     corpus = load_corpus(data, "evaluation")
-    windows = evaluation_windows(tokenize_corpus(handle.tokenizer, corpus), seqlen, max_windows)
+    windows = evaluation_windows(tokenize_corpus(handle.require_tokenizer("perplexity"), corpus), seqlen, max_windows)
     return windows, corpus.describe()
 
 
 def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: dict | None = None,
-             speed: bool = False, speed_options: dict | None = None, progress: bool = True) -> dict:
-    """Metrics of ``handle`` as one dict; perplexity only when ``windows`` are given."""
+             speed: bool = False, speed_options: dict | None = None, progress: bool = True,
+             tasks: list[str] | None = None, qa: list[str] | None = None, limit: int | None = None,
+             qa_prompt: str = DEFAULT_PROMPT, reference: dict | None = None) -> dict:
+    """Metrics of ``handle`` as one dict; perplexity only when ``windows`` are given.
+
+    ``tasks`` are zero-shot tasks and ``qa`` knowledge-QA tasks (see :mod:`.tasks`), each capped at ``limit`` items;
+    ``reference`` is another model's metrics from this function (the dense model's), whose QA answers the new
+    answers are compared with.
+    """
     metrics: dict = {"sparsity": sparsity_summary(handle)["overall"], "parameters": parameter_counts(handle)}
     if windows is not None:
         metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
+    if tasks or qa:
+        lm = lm_eval_model(handle)
+        if tasks:
+            metrics["zero_shot"] = zero_shot(handle, tasks, limit=limit, lm=lm)
+        if qa:
+            metrics["qa"] = knowledge_qa(handle, qa, limit=limit, prompt=qa_prompt, lm=lm,
+                                         reference=(reference or {}).get("qa"))
     if speed:
         metrics["speed"] = measure_speed(handle.model, **(speed_options or {}))
     return metrics

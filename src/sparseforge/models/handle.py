@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import MissingTokenizerError
 from .adapters import ModelAdapter, adapter_for
 
 
@@ -28,6 +29,13 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)
+
+    def require_tokenizer(self, purpose: str):
+        """The tokenizer, or a clear error: a weights-only directory loads, but cannot read text."""
+        if self.tokenizer is None:
+            raise MissingTokenizerError(f"{self.source} has no tokenizer, which {purpose} needs; put the tokenizer "
+                                        "files (tokenizer.json, tokenizer_config.json) next to the weights")
+        return self.tokenizer
 
     @property
     def model_type(self) -> str:

@@ -42,13 +42,24 @@ def _read_config(name_or_dir: str, trust_remote_code: bool):
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _load_tokenizer(name_or_dir: str, trust_remote_code: bool):
+    """A local directory without tokenizer files loads with ``tokenizer=None`` (weights-only checkpoints exist);
+    whatever needs text then says so. Hub ids always carry a tokenizer."""
+    if Path(name_or_dir).is_dir() and not any((Path(name_or_dir) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+
+
 def _load_hf(name_or_dir: str, dtype: torch.dtype, trust_remote_code: bool):
     _read_config(name_or_dir, trust_remote_code)
     if Path(name_or_dir).is_dir():
         check_safetensors_dir(Path(name_or_dir))
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(name_or_dir, trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CorruptCheckpointError(f"cannot load model from '{name_or_dir}': {_first_line(exc)}") from None
     model.eval()
@@ -71,7 +82,7 @@ def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None
         except RuntimeError as exc:
             raise CorruptCheckpointError(f"{directory} does not match its config: {_first_line(exc)}") from None
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = _load_tokenizer(str(directory), trust_remote_code=False)
     if dtype is not None and dtype != stored_dtype:
         model.to(dtype)
     handle = LoadedModel(model, tokenizer, source=str(directory))
