@@ -66,3 +66,27 @@ def test_calibrated_methods_beat_magnitude_on_the_real_model(method, sparsity, p
         assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-4)
         results[name] = metrics["perplexity"]["perplexity"]
     assert math.isfinite(results[method]) and results[method] < 0.5 * results["magnitude"]
+
+
+def test_zero_shot_on_the_default_model_scores_like_a_direct_forward():
+    """The real model through lm-eval: ARC-Easy accuracy is above chance, and every logged choice log-likelihood
+    equals a direct forward pass of context + choice."""
+    from sparseforge.evaluation.harness import lm_eval_model
+    from sparseforge.evaluation.runner import run_lm_eval_task
+    from sparseforge.evaluation.tasks import OFFLINE_TASKS
+
+    handle = sf.load_model("default")
+    lm = lm_eval_model(handle)
+    out = run_lm_eval_task(lm, OFFLINE_TASKS["arc_easy"], limit=40, log_samples=True)
+    assert out["results"]["acc,none"] > 0.3  # four choices: chance is 0.25; the dense model scores ~0.5
+    tokenizer = handle.tokenizer
+    for sample in out["samples"][:5]:
+        for arguments, response in zip(sample["arguments"], sample["resps"]):
+            context, continuation = tuple(arguments)[:2]
+            context_ids = tokenizer(context).input_ids
+            whole = tokenizer(context + continuation).input_ids
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logprobs = handle.model(input_ids=ids[:, :-1]).logits.log_softmax(-1)[0, len(context_ids) - 1:]
+            direct = float(logprobs.gather(-1, ids[0, len(context_ids):, None]).sum())
+            assert float(response[0][0]) == pytest.approx(direct, abs=2e-4)

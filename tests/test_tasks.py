@@ -99,10 +99,8 @@ def test_zero_shot_accuracy_matches_choices_scored_by_a_direct_forward(tiny_llam
     model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
     for sample in out["samples"]:
         scores = []
-        for (context, continuation), (logged, _) in zip((a.args for a in sample["arguments"].values())
-                                                        if isinstance(sample["arguments"], dict) else
-                                                        (tuple(a) for a in sample["arguments"]),
-                                                        (r[0] for r in sample["resps"])):
+        for arguments, response in zip(sample["arguments"], sample["resps"]):
+            (context, continuation), (logged, _) = tuple(arguments)[:2], response[0]
             ids = tokenizer(context + continuation, return_tensors="pt").input_ids
             n = len(tokenizer(continuation).input_ids)
             with torch.no_grad():
@@ -128,3 +126,13 @@ def test_knowledge_qa_generates_scores_and_agrees_with_itself(tiny_llama):
     assert result["metrics"]["agreement_with_reference"] == 1.0  # greedy decoding is deterministic
     with pytest.raises(EvaluationError, match="unknown QA prompt format"):
         knowledge_qa(tiny_llama, "nq_open", limit=1, prompt="haiku")
+
+
+def test_python_api_mirrors_eval_with_a_baseline(tiny_llama):
+    import sparseforge as sf
+
+    pruned = sf.load_model("tiny-llama")
+    sf.prune(pruned, sparsity=0.5, progress=False)
+    metrics = sf.evaluate(pruned, perplexity=False, tasks=["piqa"], limit=3, baseline=tiny_llama, progress=False)
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01) and metrics["baseline"]["sparsity"] == 0
+    assert metrics["zero_shot"]["piqa"]["items"] == metrics["baseline"]["zero_shot"]["piqa"]["items"] == 3

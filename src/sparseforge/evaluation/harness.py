@@ -28,7 +28,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..models.handle import LoadedModel
@@ -134,12 +133,13 @@ def _score_batch(model, batch, device):
         logits = model(input_ids=_pad([r.suffix for _, r in part], suffix_width).to(device),
                        attention_mask=mask.to(device), position_ids=positions.to(device),
                        past_key_values=part_cache, use_cache=cache is not None).logits
-        logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         for row, (_, request) in enumerate(part):
             n = len(request.targets)
-            targets = torch.tensor(request.targets, device=logprobs.device)
-            span = logprobs[row, len(request.suffix) - n:len(request.suffix)]
-            total = float(span.gather(-1, targets[:, None]).sum())
+            targets = torch.tensor(request.targets, device=logits.device)
+            span = logits[row, len(request.suffix) - n:len(request.suffix)]
+            # log-softmax at the targets only: no [rows, positions, vocab] tensor of log-probabilities
+            total = float((span.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(span, dim=-1)).sum())
             greedy = bool((span.argmax(-1) == targets).all())
             yield request, (total, greedy)
 

@@ -184,11 +184,13 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
 
 def render_eval_markdown(report: dict) -> str:
     """The report of ``sparseforge eval``: one model, or a model next to its baseline measured in the same run."""
-    has_baseline = report.get("baseline") is not None
-    labels = (f"baseline ({report['baseline']['source']})" if has_baseline else "–", report["model"]["source"])
-    lines = [f"# sparseforge eval: {report['model']['source']}", "", f"| metric | {labels[0]} | {labels[1]} |",
-             "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(b)} | {_fmt(a)} |" for name, b, a in _metric_rows(report)]
+    lines = [f"# sparseforge eval: {report['model']['source']}", ""]
+    if report.get("baseline") is not None:
+        lines += [f"| metric | baseline ({report['baseline']['source']}) | {report['model']['source']} |", "|---|---|---|"]
+        lines += [f"| {name} | {_fmt(b)} | {_fmt(a)} |" for name, b, a in _metric_rows(report)]
+    else:
+        lines += [f"| metric | {report['model']['source']} |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(a)} |" for name, _, a in _metric_rows(report)]
     protocol = report["metrics"]["after"].get("perplexity")
     if protocol:
         lines += ["", f"Perplexity protocol: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} "
