@@ -69,6 +69,7 @@ def _print_summary(report: dict, out_dir: str) -> None:
         for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s")):
             table.add_row(label, f"{before['speed'][key]:.1f}", f"{after['speed'][key]:.1f}")
     out.print(table)
+    _print_task_table(before, after, ("before", "after"))
     if "perplexity" in after:
         p = after["perplexity"]
         out.print(f"perplexity protocol: {p['dataset']} ({p['split']}), {p['windows']} windows x {p['seqlen']} "
@@ -183,8 +184,6 @@ def eval_command(
 
 
 def _print_eval(report: dict) -> None:
-    from .evaluation.report import task_rows
-
     metrics, reference = report["metrics"]["after"], report["metrics"]["before"]
     table = Table(title=report["model"]["source"])
     for column in ("metric", "baseline", "model") if reference else ("metric", "value"):
@@ -202,10 +201,16 @@ def _print_eval(report: dict) -> None:
         row("prefill tokens/s", lambda m: f"{m['speed']['prefill_tokens_per_s']:.1f}")
         row("decode tokens/s", lambda m: f"{m['speed']['decode_tokens_per_s']:.1f}")
     out.print(table)
-    rows = task_rows(reference, metrics)
+    _print_task_table(reference, metrics, ("baseline", "model"))
+
+
+def _print_task_table(before: dict | None, after: dict, labels: tuple[str, str]) -> None:
+    from .evaluation.report import task_rows
+
+    rows = task_rows(before, after)
     if rows:
         tasks = Table(title="zero-shot tasks and knowledge QA")
-        for column in ("task", "metric", "baseline", "model", "retained"):
+        for column in ("task", "metric", *labels, "retained"):
             tasks.add_column(column, justify="left" if column in ("task", "metric") else "right")
         for values in rows:
             tasks.add_row(*values)

@@ -122,9 +122,10 @@ def task_rows(before: dict | None, after: dict) -> list[list[str]]:
                     continue
                 error = result["metrics"].get(f"{metric}_stderr")
                 shown = _fmt(value, 4) + (f" ± {error:.4f}" if error is not None else "")
-                old = reference.get(metric)
+                old, old_error = reference.get(metric), reference.get(f"{metric}_stderr")
+                old_shown = _fmt(old, 4) + (f" ± {old_error:.4f}" if old_error is not None else "")
                 retained = f"{value / old:.1%}" if metric in _HIGHER_IS_BETTER and old else "–"
-                rows.append([task, metric, _fmt(old, 4), shown, retained])
+                rows.append([task, metric, old_shown, shown, retained])
     return rows
 
 

