@@ -4,10 +4,10 @@ Everything task-related (prompts, few-shot handling, metrics, aggregation, gener
 lm-eval's own: the model is wrapped in a subclass of lm-eval's ``HFLM``, which accepts an in-memory (pruned,
 skipped, factorized) ``PreTrainedModel``. One method is replaced, ``_loglikelihood_tokens``,
 because lm-eval cannot serve a need there: ``HFLM`` feeds ``context + continuation`` once per answer choice, so a
-four-choice question computes its context four times (lm-eval's own source marks request grouping by context as a
-TODO; it only reuses logits for one-token continuations), and it computes the full-vocabulary log-softmax at every
-position of every row. On a 2-core CPU, where the forward pass is bound by matrix multiplies, that makes an
-eight-task run with ``--limit 500`` take about twice as long as needed (470k tokens instead of 256k).
+four-choice question computes its context four times (lm-eval's source leaves grouping requests by context for
+later; it only reuses logits for one-token continuations), and it computes the full-vocabulary log-softmax at every
+position of every row. On a 2-core CPU, where the forward pass is bound by matrix multiplies, that makes it 1.7-2.9x
+slower on the default model (``bench/harness_speed.py``; 470k tokens instead of 265k for eight tasks at 500 items).
 
 ``SharedContextLM`` (built by :func:`lm_eval_model`) scores exactly the same token sequences:
 
