@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from .atomic import atomic_directory
 from .evaluation.report import peak_memory_mb, versions, write_report
-from .evaluation.speed import compare_speed
+from .evaluation.speed import compare_with_settings
 from .evaluation.stats import directory_bytes, pruned_weight_bytes, sparsity_summary, weight_file_bytes
 from .evaluation.suite import evaluate, prepare_evaluation
 from .export.saving import save_model
@@ -107,14 +107,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             after = copy.deepcopy(before)
         if dense is not None:
             with _timed(timings, "speed"):
-                speed = compare_speed({"before": dense, "after": handle.model},
-                                      batch_size=recipe.evaluate.speed_batch_size,
-                                      prompt_len=recipe.evaluate.speed_prompt_tokens,
-                                      new_tokens=recipe.evaluate.speed_new_tokens,
-                                      repeats=recipe.evaluate.speed_repeats,
-                                      threads=recipe.evaluate.speed_threads)
-            before["speed"] = {"setup": speed["setup"], **speed["results"]["before"]}
-            after["speed"] = {"setup": speed["setup"], **speed["results"]["after"]}
+                speed = compare_with_settings({"before": dense, "after": handle.model}, recipe.evaluate)
+            before["speed"], after["speed"] = speed["before"], speed["after"]
             del dense
         export = None
         if recipe.export is not None:

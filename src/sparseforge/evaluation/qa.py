@@ -16,10 +16,11 @@ import re
 import string
 import time
 
+from ..errors import EvaluationError
 from ..models.handle import LoadedModel
 from .harness import lm_eval_model
-from .tasks import OFFLINE_TASKS, QA_TASKS, parse_task_names
 from .runner import check_limit, run_lm_eval_task
+from .tasks import OFFLINE_TASKS, QA_TASKS, parse_task_names
 
 # name -> (lm-eval task overrides, simple_evaluate chat options)
 PROMPT_FORMATS: dict[str, tuple[dict, dict]] = {
@@ -45,8 +46,7 @@ def _answers(target) -> list[str]:
 
 def _score_samples(samples: list[dict]) -> tuple[list[str], list[bool]]:
     ordered = sorted(samples, key=lambda s: s["doc_id"])
-    predictions = [s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else s["filtered_resps"][0][0]
-                   for s in ordered]
+    predictions = [s["filtered_resps"][0] for s in ordered]  # one generation per question, after lm-eval's filters
     correct = [normalize_answer(p) in {normalize_answer(a) for a in _answers(s["target"])}
                for p, s in zip(predictions, ordered)]
     return predictions, correct
@@ -63,7 +63,7 @@ def agreement(predictions: list[str], reference: list[str]) -> float:
 def knowledge_qa(handle: LoadedModel, tasks="all", limit: int | None = None, prompt: str = DEFAULT_PROMPT,
                  reference: dict | None = None, batch_size: int = 32, lm=None) -> dict:
     """Greedy QA on ``tasks``; ``reference`` is an earlier result of this function (the dense model's) to agree with."""
-    from ..errors import EvaluationError
+    from lm_eval.api.metrics import mean_stderr
 
     names = parse_task_names(tasks, QA_TASKS)
     check_limit(limit)
@@ -78,7 +78,8 @@ def knowledge_qa(handle: LoadedModel, tasks="all", limit: int | None = None, pro
         out = run_lm_eval_task(lm, task, limit, log_samples=True, chat=chat, **overrides)
         predictions, correct = _score_samples(out["samples"])
         em = sum(correct) / len(correct)
-        metrics = {"exact_match": em, "exact_match_stderr": (em * (1 - em) / max(1, len(correct) - 1)) ** 0.5,
+        error = mean_stderr([float(c) for c in correct]) if len(correct) > 1 else 0.0
+        metrics = {"exact_match": em, "exact_match_stderr": error,
                    "lm_eval_exact_match": float(out["results"]["exact_match,remove_whitespace"])}
         entry = {"metrics": metrics, "items": len(correct), "items_available": out["n_samples"]["original"],
                  "split": task.split, "note": task.split_note, "prompt": prompt,

@@ -15,7 +15,7 @@ from ..models.handle import LoadedModel
 from .qa import DEFAULT_PROMPT
 from .report import peak_memory_mb, render_eval_markdown, versions
 from .runner import check_limit
-from .speed import compare_speed
+from .speed import compare_with_settings
 from .suite import evaluate, prepare_evaluation
 
 
@@ -57,12 +57,10 @@ def evaluate_session(handle: LoadedModel, settings: EvalSettings, baseline: Load
     if settings.speed:
         start = time.perf_counter()
         models = {"model": handle.model} if baseline is None else {"baseline": baseline.model, "model": handle.model}
-        speed = compare_speed(models, batch_size=settings.speed_batch_size, prompt_len=settings.speed_prompt_tokens,
-                              new_tokens=settings.speed_new_tokens, repeats=settings.speed_repeats,
-                              threads=settings.speed_threads)
-        metrics["speed"] = {"setup": speed["setup"], **speed["results"]["model"]}
+        speed = compare_with_settings(models, settings)
+        metrics["speed"] = speed["model"]
         if reference is not None:
-            reference["speed"] = {"setup": speed["setup"], **speed["results"]["baseline"]}
+            reference["speed"] = speed["baseline"]
         timings["speed"] = round(time.perf_counter() - start, 1)
     return {"model": {"source": handle.source, "model_type": handle.model_type,
                       "dtype": str(handle.dtype).removeprefix("torch.")},

@@ -119,6 +119,15 @@ def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed) -> dict:
     return {"setup": _setup(first, batch_size, prompt_len, new_tokens, repeats), "results": results}
 
 
+def compare_with_settings(models: dict[str, torch.nn.Module], settings) -> dict:
+    """:func:`compare_speed` with the ``speed_*`` fields of a recipe's ``evaluate:`` or an eval session's settings;
+    returns ``{name: {"setup": ..., "prefill_tokens_per_s": ..., ...}}``."""
+    measured = compare_speed(models, batch_size=settings.speed_batch_size, prompt_len=settings.speed_prompt_tokens,
+                             new_tokens=settings.speed_new_tokens, repeats=settings.speed_repeats,
+                             threads=settings.speed_threads)
+    return {name: {"setup": measured["setup"], **result} for name, result in measured["results"].items()}
+
+
 def measure_speed(model: torch.nn.Module, **kwargs) -> dict:
     """Speed of one model: ``{"setup": ..., "prefill_tokens_per_s": ..., "decode_tokens_per_s": ...}``."""
     measured = compare_speed({"model": model}, **kwargs)

@@ -13,6 +13,7 @@ from .harness import lm_eval_model
 from .runner import check_limit, run_lm_eval_task
 from .tasks import OFFLINE_TASKS, ZERO_SHOT_TASKS, parse_task_names
 
+
 def _metrics(results: dict) -> dict:
     """lm-eval's ``{"acc,none": ..., "acc_stderr,none": ...}`` -> ``{"acc": ..., "acc_stderr": ...}``."""
     metrics = {}
