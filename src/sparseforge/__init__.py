@@ -5,6 +5,7 @@ The Python API mirrors the command line::
     import sparseforge as sf
     model = sf.load_model("default")               # or a Hub id, a local/exported directory, a .gguf, tiny-llama
     sf.prune(model, method="magnitude", sparsity=0.5, pattern="2:4")
+    sf.retrain(model, method="perp", params=["norm", "lora"], lora={"variant": "mask"}, steps=100)
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
     sf.run_recipe(sf.load_recipe("recipes/demo.yaml"), "runs/demo")
@@ -20,6 +21,7 @@ from .models.handle import LoadedModel  # noqa: E402
 from .models.loading import load_model  # noqa: E402
 from .prune.pruner import prune  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from .retrain.recovery import retrain  # noqa: E402
 
 
 def evaluate(model: LoadedModel, perplexity: bool = True, speed: bool = False, data: str = "default",
@@ -58,4 +60,4 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
 
 
 __all__ = ["LoadedModel", "Recipe", "SparseforgeError", "evaluate", "load_model", "load_recipe", "parse_recipe",
-           "prune", "run_recipe", "save_model", "__version__"]
+           "prune", "retrain", "run_recipe", "save_model", "__version__"]

@@ -105,6 +105,9 @@ def prune(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
+                                              help="layer-wise reconstruction: after each block is pruned, train its "
+                                                   "norms and a MaskLoRA for STEPS steps to match the dense block"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
@@ -126,11 +129,65 @@ def prune(
                  "evaluation": data, "eval_windows": eval_windows},
         "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
                               "allocation": allocation, "refine": refine, "order": order,
-                              "batch_size": batch_size}}],
+                              "batch_size": batch_size}}]
+        + ([{"retrain": {"method": "reconstruct", "steps": reconstruct}}] if reconstruct is not None else []),
         "evaluate": {"perplexity": ppl},
         "export": {"format": format, "dtype": dtype},
     }, origin="arguments")
     out_dir = out_dir or _default_out(model, method, pattern, sparsity)
+    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+
+
+@app.command()
+def retrain(
+    model: str = typer.Argument(..., help="a pruned model: a sparseforge run/export directory (masks are read from "
+                                          "it), or any model with method imp"),
+    method: str = typer.Option("perp", help="perp (train a small parameter subset), full (all weights, mask "
+                                            "fixed) or imp (iterative magnitude pruning with full retraining)"),
+    params: str = typer.Option("norm,lora", help="perp: comma-separated groups from bias, norm, lm_head, lora"),
+    lora_variant: str = typer.Option("mask", help="mask (MaskLoRA) or scale (ScaleLoRA): merged without losing "
+                                                  "sparsity; prune_at_merge; plain (merged dense)"),
+    rank: int = typer.Option(16, help="LoRA rank"),
+    alpha: float = typer.Option(32.0, help="LoRA alpha (scale alpha/rank; ScaleLoRA ignores it)"),
+    steps: int = typer.Option(100, help="optimizer steps (IMP: over all rounds)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: 5e-4 perp, 2e-5 full and imp)"),
+    batch: int = typer.Option(8, help="windows per step"),
+    seqlen: int = typer.Option(512, help="training window length in tokens (also the evaluation window)"),
+    data: str = typer.Option("default", help="training text (its training side): default, wikitext2, c4, or a "
+                                             ".txt/.jsonl file"),
+    seed: int = typer.Option(0, help="seed for the order of training windows"),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in the backward pass (less memory)"),
+    imp_sparsity: float = typer.Option(0.5, help="imp: final sparsity"),
+    imp_rounds: int = typer.Option(3, help="imp: prune-retrain rounds"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>)"),
+    format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
+) -> None:
+    """Recover a pruned model's quality by retraining, evaluate before and after, export it, and write a report.
+
+    The sparsity pattern is kept exactly (except with --lora-variant plain). Training checkpoints every 25 steps;
+    rerunning the same command after an interruption resumes.
+    """
+    from .pipeline import run_recipe
+    from .recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "model": model,
+        "device": device,
+        "data": {"calibration": data, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows},
+        "stages": [{"retrain": {"method": method, "params": [p.strip() for p in params.split(",") if p.strip()],
+                                "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps,
+                                "lr": lr, "batch": batch, "gradient_checkpointing": gradient_checkpointing,
+                                "imp": {"sparsity": imp_sparsity, "rounds": imp_rounds}}}],
+        "evaluate": {"perplexity": ppl},
+        "export": {"format": format},
+    }, origin="arguments")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
+    out_dir = out_dir or str(Path("runs") / f"{stem}-{method}")
     _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
 
 
@@ -301,7 +358,7 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         console.print("interrupted; no partial output was left behind (calibrated pruning keeps its finished "
-                      "blocks: rerun the same command to resume)")
+                      "blocks and retraining its last checkpoint: rerun the same command to resume)")
         sys.exit(130)
 
 

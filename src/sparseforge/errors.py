@@ -44,3 +44,7 @@ class EvaluationError(SparseforgeError):
 
 class MissingTokenizerError(SparseforgeError):
     pass
+
+
+class RetrainError(SparseforgeError):
+    pass

@@ -1,4 +1,4 @@
-"""Give freed heap memory back to the operating system between pipeline steps.
+"""Memory: give freed heap memory back to the operating system, and measure the peak of one piece of work.
 
 Activations of one calibration batch are tens of MB: below glibc's (self-raising) mmap threshold, so after they
 are freed glibc keeps the pages in its heap, and the process's resident memory creeps up block after block even
@@ -10,6 +10,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+import threading
+
+import torch
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,3 +29,52 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_mb() -> float:
+    """Current resident memory of this process in MiB (Linux /proc; elsewhere the peak so far, as a bound)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak memory while a block of code runs: resident memory sampled every ``interval`` s, or CUDA's own peak.
+
+    The process-wide peak (``ru_maxrss``) only ever grows, so it cannot tell apart two trainings run one after the
+    other in one process (as a benchmark does); this measures each on its own. ``peak_mb`` includes what was
+    resident when the block started (the model itself), which is what a user has to provision.
+    """
+
+    def __init__(self, device: "torch.device | None" = None, interval: float = 0.02):
+        self.cuda = device is not None and device.type == "cuda"
+        self.interval = interval
+        self.peak_mb = 0.0
+        self.start_mb = 0.0
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, resident_mb())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.start_mb = self.peak_mb = resident_mb()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, resident_mb())

@@ -27,6 +27,7 @@ from .models.handle import LoadedModel
 from .models.loading import load_model
 from .prune.pruner import prune
 from .recipe import Recipe
+from .retrain.recovery import retrain
 
 
 @dataclass
@@ -36,6 +37,15 @@ class StageContext:
     recipe: Recipe
     checkpoint_dir: Path
     progress: bool
+    next_stage: BaseModel | None = None
+
+
+def _fused_reconstruction(context: StageContext) -> dict | None:
+    """A reconstruct stage right after a prune stage runs inside it (the dense block outputs exist only there)."""
+    following = context.next_stage
+    if following is not None and getattr(following, "method", None) == "reconstruct":
+        return following.reconstruct_options() | {"seed": context.recipe.data.seed}
+    return None
 
 
 def _run_prune(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
@@ -43,10 +53,23 @@ def _run_prune(handle: LoadedModel, config: BaseModel, context: StageContext) ->
     prune(handle, method=config.method, sparsity=config.sparsity, pattern=config.pattern, per_row=config.per_row,
           allocation=config.allocation, refine=config.refine, calibration=data.calibration, nsamples=data.nsamples,
           seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, order=config.order, checkpoint_dir=context.checkpoint_dir,
-          owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt, progress=context.progress)
+          owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt, reconstruct=_fused_reconstruction(context),
+          progress=context.progress)
 
 
-STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {"prune": _run_prune}
+def _run_retrain(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    if config.method == "reconstruct":  # already done inside the preceding prune stage
+        return
+    data = context.recipe.data
+    retrain(handle, method=config.method, params=config.params, lora=config.lora.model_dump(), steps=config.steps,
+            lr=config.lr, batch=config.batch, seqlen=config.seqlen or data.seqlen, data=data.calibration,
+            seed=data.seed, warmup=config.warmup, weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm, gradient_checkpointing=config.gradient_checkpointing,
+            imp=config.imp.model_dump(), checkpoint_dir=context.checkpoint_dir, progress=context.progress)
+
+
+STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
+    "prune": _run_prune, "retrain": _run_retrain}
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -97,7 +120,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         for index, stage in enumerate(recipe.stages):
             log(f"stage {index}: {stage.kind}")
             with _timed(timings, f"stage_{index}_{stage.kind}"):
-                context = StageContext(recipe, checkpoints / f"stage_{index}", progress)
+                following = recipe.stages[index + 1].config if index + 1 < len(recipe.stages) else None
+                context = StageContext(recipe, checkpoints / f"stage_{index}", progress, following)
                 STAGE_RUNNERS[stage.kind](handle, stage.config, context)
         if recipe.stages:
             log("evaluating after")

@@ -19,6 +19,10 @@ from .evaluation.qa import DEFAULT_PROMPT, PROMPT_FORMATS
 from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
 from .prune.methods import METHODS
 from .prune.pruner import ORDERS, REFINEMENTS, method_options
+from .retrain.lora import LORA_VARIANTS
+from .retrain.reconstruct import ReconstructConfig
+from .retrain.recovery import DEFAULT_PARAMS, RETRAIN_METHODS
+from .retrain.selection import PARAM_GROUPS
 from .sparsity.allocation import ALLOCATIONS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
@@ -82,10 +86,55 @@ class PruneStage(_Strict):
         return self
 
 
+class LoRASettings(_Strict):
+    variant: Literal[LORA_VARIANTS] = "mask"  # type: ignore[valid-type]
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+
+
+class IMPSettings(_Strict):
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    rounds: int = Field(3, ge=1)
+
+
+class RetrainStage(_Strict):
+    """Recovery training; ``reconstruct`` must directly follow a prune stage (it runs inside that stage's
+    layer-sequential pass). Training text: the training side of ``data.calibration``, seeded by ``data.seed``."""
+
+    method: Literal[RETRAIN_METHODS] = "perp"  # type: ignore[valid-type]
+    params: list[Literal[PARAM_GROUPS]] = Field(default_factory=lambda: list(DEFAULT_PARAMS),  # type: ignore[valid-type]
+                                                min_length=1, description="perp/reconstruct: bias, norm, lm_head, lora")
+    lora: LoRASettings = LoRASettings()
+    steps: int = Field(100, ge=1, description="optimizer steps (reconstruct: per block)")
+    lr: float | None = Field(None, gt=0, description="learning rate; default per method")
+    batch: int = Field(8, ge=1, description="windows per step (not used by reconstruct: it uses the prune batches)")
+    seqlen: int | None = Field(None, ge=2, description="training window length; defaults to data.seqlen")
+    warmup: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    imp: IMPSettings = IMPSettings()
+
+    @model_validator(mode="after")
+    def _valid_combination(self) -> "RetrainStage":
+        if self.method == "reconstruct":
+            try:
+                ReconstructConfig.from_dict(self.reconstruct_options())
+            except SparseforgeError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def reconstruct_options(self) -> dict:
+        options = {"params": list(self.params), "lora": self.lora.model_dump(), "steps": self.steps,
+                   "warmup": self.warmup, "max_grad_norm": self.max_grad_norm}
+        return options | ({"lr": self.lr} if self.lr is not None else {})
+
+
 class StageEntry(_Strict):
     """Exactly one of the stage types."""
 
     prune: PruneStage | None = None
+    retrain: RetrainStage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StageEntry":
@@ -144,6 +193,15 @@ class Recipe(_Strict):
     stages: list[StageEntry] = []
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig | None = ExportConfig()
+
+    @model_validator(mode="after")
+    def _reconstruct_follows_prune(self) -> "Recipe":
+        for index, stage in enumerate(self.stages):
+            if stage.kind == "retrain" and stage.config.method == "reconstruct" and \
+                    (index == 0 or self.stages[index - 1].kind != "prune"):
+                raise ValueError(f"stages.{index}: retrain method 'reconstruct' runs inside pruning, so it must "
+                                 "directly follow a prune stage")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 SPARSITY_PLOT = "sparsity_per_layer.png"
+LOSS_PLOT = "retrain_loss.png"
 
 
 def peak_memory_mb() -> float:
@@ -56,6 +57,28 @@ def plot_layer_sparsity(per_layer: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _loss_curves(stages: list[dict]) -> dict[str, list[float]]:
+    curves = {}
+    for index, stage in enumerate(stages):
+        if stage.get("stage") == "retrain":
+            runs = stage.get("rounds") or [stage["training"]]
+            curves[f"stage {index}: {stage['method']}"] = [loss for run in runs for loss in run["losses"]]
+    return {name: losses for name, losses in curves.items() if losses}
+
+
+def plot_losses(curves: dict[str, list[float]], path: Path) -> None:
+    """Training loss per step of every retrain stage (IMP rounds joined), so a diverging run is seen at a glance."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -84,10 +107,41 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
     return rows
 
 
+def _retrain_lines(stage: dict) -> list[str]:
+    """Recovery training: what was trained, how much of the model that is, the loss, memory, and any early stop."""
+    trainable = stage["trainable"]
+    what = "+".join(stage.get("params") or []) or "all parameters"
+    lora = stage.get("lora")
+    lines = [f"- trained: {what}" + (f" (LoRA {lora['variant']}, rank {lora['rank']}, alpha {lora['alpha']:g})"
+                                     if lora else "") +
+             f": {trainable['trainable']:,} parameters, {trainable['fraction']:.4%} of the model"]
+    train = stage["train"]
+    lines.append(f"- {train['steps']} steps x {train['batch']} windows x {train['seqlen']} tokens, lr {train['lr']:g}, "
+                 f"warm-up {train['warmup']:.0%} then linear decay, {stage['seconds']:.1f} s")
+    for run in stage.get("rounds") or [stage.get("training")]:
+        prefix = f"round {run['round']} (sparsity {run['sparsity']:.3f}): " if "round" in run else ""
+        lines.append(f"- {prefix}loss {_fmt(run['loss_first'], 4)} -> {_fmt(run['loss_last'], 4)}, peak memory "
+                     f"while training {run['peak_memory_mb']:.0f} MB")
+        if run.get("stopped"):
+            lines.append(f"- **stopped early**: {run['stopped']}")
+    if "merge" in stage:
+        merge = stage["merge"]
+        lines.append(f"- adapters merged into {merge['layers']} linears" +
+                     (", LM head untied from the input embedding" if merge["lm_head_untied"] else "") +
+                     (f"; {merge['densified_layers']} layers became dense (plain LoRA)" if merge["densified_layers"]
+                      else ""))
+    lines.append(f"- sparsity pattern preserved exactly: {'yes' if stage['sparsity_preserved'] else 'no'}")
+    lines += [f"- note: {note}" for note in trainable.get("notes", [])]
+    return lines
+
+
 def _stage_lines(stages: list[dict]) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
     for index, stage in enumerate(stages):
+        if stage.get("stage") == "retrain":
+            lines += ["", f"## Stage {index}: retrain ({stage['method']})", ""] + _retrain_lines(stage)
+            continue
         title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
         lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]
         calibration = stage.get("calibration")
@@ -100,6 +154,11 @@ def _stage_lines(stages: list[dict]) -> list[str]:
             lines.append(f"- DSnoT swaps: {stage['dsnot_swaps']:,}")
         if stage.get("resumed_from_block"):
             lines.append(f"- resumed from block {stage['resumed_from_block']} of an interrupted run")
+        if stage.get("reconstruction"):
+            rec = stage["reconstruction"]
+            lines.append(f"- layer-wise reconstruction ({'+'.join(rec['settings']['params'])}, "
+                         f"{rec['settings']['steps']} steps per block): summed block MSE "
+                         f"{rec['mse_before_sum']:.4g} -> {rec['mse_after_sum']:.4g}")
         lines += [f"- event: {event}" for event in stage.get("events", [])]
     return lines
 
@@ -175,6 +234,8 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
                       f"bytes, directory {export['directory_bytes']:,} bytes, in `model/`."]
     lines += task_section(report["metrics"].get("before"), report["metrics"].get("after") or {})
     lines += _stage_lines(report.get("stages") or [])
+    if _loss_curves(report.get("stages") or []):
+        lines += ["", f"![retraining loss]({LOSS_PLOT})"]
     lines += ["", f"![per-layer sparsity]({SPARSITY_PLOT})", "", "## Timings (s)", "",
               "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
@@ -214,4 +275,7 @@ def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     if per_layer:
         plot_layer_sparsity(per_layer, directory / SPARSITY_PLOT,
                             f"{report['model']['source']}: overall {report['sparsity']['overall']:.1%}")
+    curves = _loss_curves(report.get("stages") or [])
+    if curves:
+        plot_losses(curves, directory / LOSS_PLOT)
     (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

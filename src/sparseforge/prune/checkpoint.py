@@ -29,13 +29,13 @@ class CheckpointMismatchError(SparseforgeError):
     pass
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CorruptCheckpointError(f"checkpoint file {path} is missing; delete the checkpoint directory "
                                      f"{path.parent} to start over")
@@ -84,9 +84,9 @@ class Checkpoint:
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _save_tensors(block_tensors, self.directory / f"block_{block:04d}.safetensors")
+        save_tensors(block_tensors, self.directory / f"block_{block:04d}.safetensors")
         if next_hidden is not None:
-            _save_tensors({"hidden": next_hidden}, self.directory / f"hidden_{block + 1:04d}.safetensors")
+            save_tensors({"hidden": next_hidden}, self.directory / f"hidden_{block + 1:04d}.safetensors")
         atomic_write_text(self.directory / STATE_FILE, json.dumps(self.state, indent=1))
         stale = self.directory / f"hidden_{block:04d}.safetensors"
         stale.unlink(missing_ok=True)
@@ -99,10 +99,10 @@ class Checkpoint:
             atomic_write_text(self.directory / STATE_FILE, json.dumps(self.state, indent=1))
 
     def block_tensors(self, block: int) -> dict[str, torch.Tensor]:
-        return _load_tensors(self.directory / f"block_{block:04d}.safetensors")
+        return load_tensors(self.directory / f"block_{block:04d}.safetensors")
 
     def hidden(self, block: int) -> torch.Tensor:
-        return _load_tensors(self.directory / f"hidden_{block:04d}.safetensors")["hidden"]
+        return load_tensors(self.directory / f"hidden_{block:04d}.safetensors")["hidden"]
 
     def remove(self) -> None:
         if self.enabled:

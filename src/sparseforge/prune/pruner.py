@@ -19,6 +19,7 @@ from ..errors import DataError, PatternError
 from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
 from ..refine.dsnot import DSnoTConfig
+from ..retrain.reconstruct import ReconstructConfig
 from ..sparsity.allocation import get_allocation
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
 from .checkpoint import Checkpoint
@@ -75,7 +76,7 @@ def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamp
 
 
 def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
-          owl, dsnot, sparsegpt, batch_size: int, order: str) -> SequentialPlan:
+          owl, dsnot, sparsegpt, batch_size: int, order: str, reconstruct) -> SequentialPlan:
     if allocation == "owl" and isinstance(pattern, NM):
         raise PatternError(f"OWL allocation varies sparsity per block; pattern {pattern.name} fixes it")
     if refine is not None and refine not in REFINEMENTS:
@@ -86,7 +87,10 @@ def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refi
         raise PatternError(f"batch_size must be at least 1, got {batch_size}")
     owl, dsnot, sparsegpt = method_options(owl, dsnot, sparsegpt)
     options = vars(sparsegpt) if method.name == "sparsegpt" else {}
-    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size, order)
+    if reconstruct is not None and not isinstance(reconstruct, ReconstructConfig):
+        reconstruct = ReconstructConfig.from_dict(reconstruct)
+    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size, order,
+                          reconstruct)
 
 
 def prune(
@@ -108,6 +112,7 @@ def prune(
     owl: dict | OWLConfig | None = None,
     dsnot: dict | DSnoTConfig | None = None,
     sparsegpt: dict | SparseGPTConfig | None = None,
+    reconstruct: dict | ReconstructConfig | None = None,
     progress: bool = True,
     after_block=None,
 ) -> LoadedModel:
@@ -121,7 +126,9 @@ def prune(
     linears before it) or 'block' (the reference codes' two forwards per block, all linears calibrated on the
     dense block: slower, and the least memory). Windows go through a block ``batch_size`` at a time.
     ``device``: where each block is computed (default: where the model is). ``checkpoint_dir``: checkpoint after
-    every block there and resume from it. Embeddings, LM head, norms and biases are not pruned. A report of the
+    every block there and resume from it. ``reconstruct``: after each block is pruned, train its norms/biases/
+    sparse LoRA to reproduce the dense block's outputs (:class:`~sparseforge.retrain.reconstruct.ReconstructConfig`:
+    params, lora, steps per block, lr). Embeddings, LM head, norms and biases are not pruned. A report of the
     run is appended to ``handle.history``.
     """
     chosen = get_method(method)
@@ -130,11 +137,12 @@ def prune(
     if sparsity is None and pat.fixed_sparsity() is None:
         sparsity = DEFAULT_SPARSITY
     target = resolve_sparsity(pat, sparsity)
-    needs_calibration = chosen.needs_calibration or get_allocation(allocation).needs_calibration or refine is not None
+    needs_calibration = (chosen.needs_calibration or get_allocation(allocation).needs_calibration
+                         or refine is not None or reconstruct is not None)
     layers = list(handle.adapter.linears())
     for view in layers:
         pat.validate((view.out_features, view.in_features), view.name)
-    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order)
+    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order, reconstruct)
     if not needs_calibration:
         prune_data_free(handle, plan, progress)
         handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,

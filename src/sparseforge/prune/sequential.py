@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..memory import release_freed_memory
 from ..models.handle import LoadedModel
 from ..refine.dsnot import DSnoTConfig, refine
+from ..retrain.reconstruct import ReconstructConfig, reconstruct_block
 from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import Pattern
@@ -54,13 +55,15 @@ class SequentialPlan:
     method_options: dict = field(default_factory=dict)
     batch_size: int = 8
     order: str = "sublayer"
+    reconstruct: ReconstructConfig | None = None
 
     def settings(self) -> dict:
         return {"method": self.method.name, "pattern": self.pattern.name,
                 "per_row": getattr(self.pattern, "per_row", None), "sparsity": self.sparsity,
                 "allocation": self.allocation, "owl": asdict(self.owl) if self.allocation == "owl" else None,
                 "refine": self.refine, "dsnot": asdict(self.dsnot) if self.refine else None,
-                "method_options": self.method_options, "batch_size": self.batch_size, "order": self.order}
+                "method_options": self.method_options, "batch_size": self.batch_size, "order": self.order,
+                "reconstruct": self.reconstruct.settings() if self.reconstruct else None}
 
     @property
     def needs(self) -> frozenset[str]:
@@ -200,6 +203,13 @@ def _hint(adapter, index: int, shared_roles: dict[str, list[str]]) -> dict[str, 
             for r, others in shared_roles.items() if r in linears}
 
 
+def _block_parameters(adapter, index: int) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of one block by its model-level name: what a checkpoint must restore (weights, and the norms
+    and biases that reconstruction trains)."""
+    prefix = f"{adapter.spec.blocks}.{index}"
+    return {f"{prefix}.{name}": p for name, p in adapter.blocks()[index].named_parameters()}
+
+
 def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = True) -> None:
     """Uniform pruning by a method that needs no data: every linear directly, no forward pass at all."""
     adapter = handle.adapter
@@ -225,9 +235,10 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     first = state["next_block"]
     for index in range(first):  # replay finished blocks from the checkpoint
         saved = checkpoint.block_tensors(index)
+        with torch.no_grad():
+            for name, param in _block_parameters(adapter, index).items():
+                param.copy_(saved[name].to(param.device, param.dtype))
         for view in adapter.block_linears(index).values():
-            with torch.no_grad():
-                view.weight.copy_(saved[f"{view.name}.weight"].to(view.weight.device, view.weight.dtype))
             handle.masks[view.name] = saved[f"{view.name}.mask"]
     hidden = checkpoint.hidden(first).to(device) if first else blocks.hidden
     blocks.hidden = None  # the pipeline owns the activations from here on, one block's worth at a time
@@ -242,9 +253,13 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     shared_roles: dict[str, list[str]] = dict(checkpoint.state.get("shared_roles", {}))  # exact on resume
     bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                disable=not progress, unit="block")
+    reconstruction: list[dict] = list(checkpoint.state.get("reconstruction", []))
     for index in bar:
         blocks.on_device(index)
         block = _BlockPruner(handle, plan, index, block_sparsity[index])
+        if plan.reconstruct is not None:  # targets: the dense block on what the pruned model upstream produces
+            inputs = hidden.clone()
+            targets = blocks.run(index, hidden.clone())
         if not plan.needs:  # data-free method under a calibrated allocation: prune, then propagate
             for name in block.views:
                 block.prune([name], None)
@@ -259,16 +274,21 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 block.prune(group, collector.of(group[0]))
             del collector
             hidden = blocks.run(index, hidden)
+        if plan.reconstruct is not None:
+            reconstruction.append(reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs,
+                                                    plan.reconstruct))
+            bar.set_postfix(mse=f"{reconstruction[-1]['mse_before']:.3g}->{reconstruction[-1]['mse_after']:.3g}")
+            hidden = blocks.run(index, inputs)
+            del targets, inputs
         blocks.release(index)
         events.extend(block.events)
         swaps += block.swaps
-        tensors = {}
-        for name, view in block.views.items():
-            tensors[f"{name}.weight"] = view.weight.detach()
+        tensors = {name: param.detach() for name, param in _block_parameters(adapter, index).items()}
+        for name in block.views:
             tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
         checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps,
-                        shared_roles=shared_roles)
+                        shared_roles=shared_roles, reconstruction=reconstruction)
         if after_block is not None:
             after_block(index)
     return {
@@ -285,5 +305,8 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1],
                         "batch_size": blocks.batch_size},
         "resumed_from_block": first or None,
+        "reconstruction": {"settings": plan.reconstruct.settings(), "blocks": reconstruction,
+                           "mse_before_sum": sum(r["mse_before"] for r in reconstruction),
+                           "mse_after_sum": sum(r["mse_after"] for r in reconstruction)} if plan.reconstruct else None,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -22,6 +22,11 @@ def get_path(root: nn.Module, path: str) -> Any:
     return obj
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The layer itself when an adapter library (peft) has wrapped it, so views always see the real weight."""
+    return getattr(module, "base_layer", module)
+
+
 class LinearView:
     """One linear layer seen in the [out_features, in_features] orientation.
 
@@ -141,7 +146,7 @@ class ModelAdapter:
     def _linear_views(self, index: int, paths: dict[str, str]) -> dict[str, LinearView]:
         block = self.blocks()[index]
         return {
-            role: LinearView(f"{self._block_prefix(index)}.{path}", role, index, get_path(block, path))
+            role: LinearView(f"{self._block_prefix(index)}.{path}", role, index, _unwrapped(get_path(block, path)))
             for role, path in paths.items()
         }
 
@@ -180,6 +185,20 @@ class ModelAdapter:
 
     def final_norm(self) -> nn.Module:
         return get_path(self.model, self.spec.final_norm)
+
+    def norms(self) -> dict[str, nn.Module]:
+        """Every normalisation module of the model (block, final and extra norms such as Gemma's q/k norms), by name.
+
+        Found by class name rather than listed per family, so a new architecture's extra norms are never missed.
+        """
+        return {name: module for name, module in self.model.named_modules()
+                if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))}
+
+    def biases(self) -> dict[str, nn.Parameter]:
+        """Every bias parameter outside the norms (OPT and GPT-2 have them; Llama-style models have none)."""
+        in_norms = {f"{name}.{p}" for name, module in self.norms().items() for p, _ in module.named_parameters()}
+        return {name: p for name, p in self.model.named_parameters()
+                if name.rsplit(".", 1)[-1] == "bias" and name not in in_norms}
 
     def tied_embeddings(self) -> bool:
         """True when the LM head shares its weight tensor with the token embedding."""
