@@ -184,6 +184,12 @@ CASES = {
     "model without a tokenizer": (["eval", "%weights_only_model", "--no-ppl", "--tasks", "piqa", "--limit", "1"],
                                   "has no tokenizer, which task evaluation needs"),
     "unknown task in a recipe": (["run", "@bad_tasks.yaml"], "evaluate.tasks"),
+    "retraining a dense model": (["retrain", "tiny-llama", "--steps", "1", "--no-ppl"], "has no pruned weights"),
+    "LoRA rank above a layer's width": (["retrain", "%pruned_tiny", "--rank", "65", "--steps", "1", "--no-ppl"],
+                                        "rank 65 is larger"),
+    "unknown LoRA variant": (["retrain", "%pruned_tiny", "--lora-variant", "dora"], "retrain.lora.variant"),
+    "reconstruct without pruning": (["retrain", "%pruned_tiny", "--method", "reconstruct"],
+                                    "must directly follow a prune stage"),
 }
 
 
@@ -202,13 +208,47 @@ def test_bad_input_gets_one_line_and_leaves_nothing(case, capsys, monkeypatch, t
     args, pattern = CASES[case]
     args = [_resolve(a, request, tmp_path) for a in args]
     out_dir = tmp_path / "out"
-    if args[0] in ("prune", "run", "eval"):
+    if args[0] in ("prune", "run", "eval", "retrain"):
         args += ["--out", out_dir]
     before = set(tmp_path.iterdir())
     code, _, err = run_cli(capsys, monkeypatch, *args)
     assert_clean_failure(code, err, pattern)
     assert not out_dir.exists()
     assert set(tmp_path.iterdir()) == before  # no temporary directories left either
+
+
+@pytest.fixture
+def pruned_tiny(tmp_path):
+    import sparseforge as sf
+
+    handle = load_model("tiny-llama")
+    sf.prune(handle, sparsity=0.5, progress=False)
+    save_model(handle, tmp_path / "pruned")
+    return tmp_path / "pruned"
+
+
+def test_retrain_recovers_a_pruned_run_and_keeps_its_masks(capsys, monkeypatch, tmp_path, text_file, pruned_tiny):
+    code, out, err = run_cli(capsys, monkeypatch, "retrain", pruned_tiny, "--params", "norm,lora", "--steps", "2",
+                             "--batch", "2", "--seqlen", "32", "--data", text_file, "--rank", "4",
+                             "--eval-windows", "2", "--out", tmp_path / "run")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    stage = report["stages"][0]
+    assert stage["method"] == "perp" and stage["sparsity_preserved"] is True
+    assert report["metrics"]["after"]["sparsity"] == pytest.approx(report["metrics"]["before"]["sparsity"])
+    assert set(load_model(str(tmp_path / "run")).masks) == set(load_model(str(pruned_tiny)).masks)
+    assert "sparsity pattern preserved exactly: yes" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "retrain_loss.png").is_file()
+
+
+def test_prune_with_reconstruction_from_the_command_line(capsys, monkeypatch, tmp_path, text_file):
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "tiny-llama", "--method", "wanda", "--calibration",
+                           text_file, "--data", text_file, "--seqlen", "32", "--nsamples", "4", "--reconstruct", "3",
+                           "--eval-windows", "2", "--out", tmp_path / "run")
+    assert code == 0, err
+    stage = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][0]
+    assert stage["reconstruction"]["settings"]["steps"] == 3
+    assert len(stage["reconstruction"]["blocks"]) == 2
 
 
 def test_real_process_prints_no_traceback(tmp_path):

@@ -90,3 +90,24 @@ def test_zero_shot_on_the_default_model_scores_like_a_direct_forward():
                 logprobs = handle.model(input_ids=ids[:, :-1]).logits.log_softmax(-1)[0, len(context_ids) - 1:]
             direct = float(logprobs.gather(-1, ids[0, len(context_ids):, None]).sum())
             assert float(response[0][0]) == pytest.approx(direct, abs=2e-4)
+
+
+def test_perp_recovers_2of4_on_the_real_model_and_keeps_the_pattern(tmp_path):
+    """A few PERP steps (norms + MaskLoRA) lower the perplexity of 2:4 magnitude pruning, and the nm export reloads
+    the exact recovered model: pruning, recovery and export compose on a real checkpoint."""
+    from sparseforge.sparsity.masks import is_valid_nm
+
+    model = sf.load_model("default")
+    sf.prune(model, method="magnitude", pattern="2:4", progress=False)
+    before = sf.evaluate(model, perplexity=True, seqlen=256, windows=2, progress=False)["perplexity"]["perplexity"]
+    sf.retrain(model, params=["norm", "lora"], lora={"variant": "mask", "rank": 8}, steps=4, batch=2, seqlen=128,
+               lr=2e-3, progress=False)
+    after = sf.evaluate(model, perplexity=True, seqlen=256, windows=2, progress=False)["perplexity"]["perplexity"]
+    assert after < 0.8 * before
+    assert model.history[-1]["trainable"]["fraction"] < 0.01
+    assert all(is_valid_nm(v.weight.detach() != 0, 2, 4) for v in model.adapter.linears())
+    assert sf.save_model(model, tmp_path / "model", format="nm")["format"] == "nm"
+    reloaded = sf.load_model(str(tmp_path / "model"))
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(ids).logits, model.model(ids).logits)

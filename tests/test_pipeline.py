@@ -92,3 +92,21 @@ def test_calibrated_run_resumes_after_interruption_and_cleans_up(text_file, tmp_
     report_md = (tmp_path / "run" / "report.md").read_text()
     assert "OWL block sparsities" in report_md and "resumed from block 1" in report_md
     assert resumed["stages"][0]["block_sparsity"] == reference["stages"][0]["block_sparsity"]
+
+
+def test_prune_reconstruct_and_perp_stages_compose(text_file, tmp_path):
+    recipe = parse_recipe({
+        "model": "tiny-opt",
+        "data": {"calibration": str(text_file), "evaluation": str(text_file), "seqlen": 32, "nsamples": 4,
+                 "eval_windows": 2},
+        "stages": [{"prune": {"method": "wanda", "pattern": "2:4"}},
+                   {"retrain": {"method": "reconstruct", "steps": 2, "lora": {"rank": 4}}},
+                   {"retrain": {"params": ["bias", "norm", "lora"], "steps": 2, "batch": 2,
+                                "lora": {"variant": "scale", "rank": 4}}}],
+    })
+    report = pipeline.run_recipe(recipe, tmp_path / "run", progress=False)
+    prune_stage, retrain_stage = report["stages"]
+    assert prune_stage["reconstruction"]["settings"]["lora"]["rank"] == 4  # fused into the prune stage
+    assert retrain_stage["trainable"]["by_group"]["bias"] > 0  # OPT has biases
+    assert retrain_stage["sparsity_preserved"]
+    assert report["sparsity"]["overall"] == pytest.approx(0.5)

@@ -31,6 +31,14 @@ export: {format: auto}
     ({"model": "x", "stages": [{}]}, "exactly one"),
     ({"model": "x", "export": {"format": "zip"}}, "export.format"),
     ({"stages": []}, "model"),
+    ({"model": "x", "stages": [{"retrain": {"method": "lora"}}]}, "stages.0.retrain.method"),
+    ({"model": "x", "stages": [{"retrain": {"params": ["weights"]}}]}, "stages.0.retrain.params"),
+    ({"model": "x", "stages": [{"retrain": {"lora": {"variant": "dora"}}}]}, "stages.0.retrain.lora.variant"),
+    ({"model": "x", "stages": [{"retrain": {"lora": {"rnak": 4}}}]}, "unknown key 'stages.0.retrain.lora.rnak'"),
+    ({"model": "x", "stages": [{"retrain": {"steps": 0}}]}, "stages.0.retrain.steps"),
+    ({"model": "x", "stages": [{"retrain": {"method": "reconstruct"}}]}, "must directly follow a prune stage"),
+    ({"model": "x", "stages": [{"prune": {"sparsity": 0.5}},
+                               {"retrain": {"method": "reconstruct", "lora": {"variant": "plain"}}}]}, "dense"),
     (["not", "a", "mapping"], "mapping"),
 ])
 def test_bad_recipes_name_the_problem(data, message):

@@ -52,10 +52,16 @@ class IMPConfig:
 
 
 def _lm_loss(handle: LoadedModel, windows: torch.Tensor, config: TrainConfig):
+    """Causal-LM loss on step ``step``'s windows; under ``accelerate launch`` each process takes its own share of
+    a global batch of ``batch x processes`` windows."""
+    from accelerate import PartialState
+
     device = next(handle.model.parameters()).device
+    processes = PartialState()
+    world, rank = processes.num_processes, processes.process_index
 
     def loss_of_step(step: int) -> torch.Tensor:
-        ids = batch_for_step(windows, step, config.batch, config.seed).to(device)
+        ids = batch_for_step(windows, step, config.batch * world, config.seed)[rank::world].to(device)
         return handle.model(input_ids=ids, labels=ids, use_cache=False).loss
 
     return loss_of_step

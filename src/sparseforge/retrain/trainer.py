@@ -6,8 +6,8 @@ multi-GPU data parallelism under ``accelerate launch``). Batches are a pure func
 resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen.
 
 A non-finite loss or gradient stops training: the parameters are put back to the last state that gave a finite
-loss (a copy of the trainable tensors is kept before every update, which costs their size in memory once) and the
-report says so, instead of a NaN model silently going on to evaluation and export.
+loss (a copy of the trainable tensors is kept in host memory before every update: tiny for PERP, one model copy
+for full retraining) and the report says so, instead of a NaN model silently going on to evaluation and export.
 """
 
 from __future__ import annotations
@@ -138,12 +138,13 @@ def train(params: list[nn.Parameter], loss_of_step: Callable[[int], torch.Tensor
     stopped = None
     good: list[torch.Tensor] | None = None  # the parameters that gave the last finite loss
     started = time.perf_counter()
-    memory = PeakMemory(device).__enter__()
+    memory = PeakMemory(device)
+    memory.__enter__()  # closed in the finally below, which also restores the module's modes
     bar = tqdm(range(start, config.steps), desc=desc, disable=not progress, unit="step", initial=start,
                total=config.steps)
     try:
         for step in bar:
-            snapshot = [p.detach().clone() for p in params]
+            snapshot = [p.detach().to("cpu", copy=True) for p in params]  # host memory, also when on a GPU
             with accelerator.autocast():
                 loss = loss_of_step(step)
             if not torch.isfinite(loss):
@@ -178,7 +179,7 @@ def train(params: list[nn.Parameter], loss_of_step: Callable[[int], torch.Tensor
     if stopped is not None:
         with torch.no_grad():
             for p, value in zip(params, good):
-                p.copy_(value)
+                p.copy_(value.to(p.device))
         report["stopped"] = (f"loss or gradient became non-finite at step {stopped + 1} (learning rate "
                              f"{config.lr:g} too high?); restored the parameters of the last finite loss and "
                              f"stopped after {stopped} of {config.steps} steps")
