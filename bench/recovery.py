@@ -13,6 +13,7 @@ process, so its peak memory is its own.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -70,6 +71,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "recovery"))
+    parser.add_argument("--fractions", action="store_true",
+                        help="only write the trainable-fraction table of every parameter-group configuration")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one cell, as JSON
     return parser.parse_args()
 
@@ -130,16 +133,47 @@ def worker(args: argparse.Namespace) -> dict:
             record = handle.history[-1]
             trainable, peak = record["trainable"]["fraction"], record["training"]["peak_memory_mb"]
             extra = {"loss_first": record["training"]["loss_first"], "loss_last": record["training"]["loss_last"],
+                     "memory_at_start_mb": record["training"]["memory_at_start_mb"],
                      "sparsity_preserved": record["sparsity_preserved"], "stopped": record["training"]["stopped"]}
     seconds = time.perf_counter() - started
     return {"mask": cell["mask"], "config": cell["config"], **measure(handle, args), "trainable_fraction": trainable,
             "seconds": round(seconds, 1), "peak_memory_mb": peak, **extra}
 
 
+FRACTION_CONFIGS = [["bias"], ["norm"], ["bias", "norm"], ["lm_head"], ["lora"], ["norm", "lora"],
+                    ["bias", "norm", "lm_head", "lora"]]
+
+
+def trainable_fractions(args: argparse.Namespace) -> None:
+    """Trainable parameters of every group combination (LoRA rank ``--rank`` and 8), on the model and on OPT-shaped
+    tiny model (which has biases), without training: what PERP's "tiny subset" is at this scale."""
+    import sparseforge as sf
+    from sparseforge.retrain.lora import LoRAConfig
+    from sparseforge.retrain.selection import select_parameters
+
+    rows = []
+    for model in (args.model, "tiny-opt"):
+        pruned = sf.load_model(model)
+        sf.prune(pruned, method="magnitude", sparsity=0.5, progress=False)
+        for rank in (args.rank, 8):
+            for groups in FRACTION_CONFIGS:
+                if rank != args.rank and "lora" not in groups and "lm_head" not in groups:
+                    continue
+                handle = copy.deepcopy(pruned)
+                described = select_parameters(handle, groups, LoRAConfig("mask", rank)).describe()
+                rows.append([model, "+".join(groups), rank if {"lora", "lm_head"} & set(groups) else "–",
+                             f"{described['trainable']:,}", f"{described['fraction']:.4%}"])
+    table = markdown_table(["model", "groups", "LoRA rank", "trainable", "fraction of the model"], rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trainable_fractions.md").write_text("# Trainable parameters per configuration\n\n" + table + "\n")
+    print(table)
+
+
 def run_cell(args: argparse.Namespace, cell: dict) -> dict:
     argv = [sys.executable, __file__, "--worker", json.dumps(cell)]
     for key, value in vars(args).items():
-        if key not in ("worker", "out", "masks", "configs"):
+        if key not in ("worker", "out", "masks", "configs", "fractions"):
             argv += [f"--{key.replace('_', '-')}", str(value)]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:
@@ -151,6 +185,9 @@ def main() -> None:
     args = arguments()
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
+        return
+    if args.fractions:
+        trainable_fractions(args)
         return
     import torch
 

@@ -104,7 +104,7 @@ def test_perp_recovers_2of4_on_the_real_model_and_keeps_the_pattern(tmp_path):
                lr=2e-3, progress=False)
     after = sf.evaluate(model, perplexity=True, seqlen=256, windows=2, progress=False)["perplexity"]["perplexity"]
     assert after < 0.8 * before
-    assert model.history[-1]["trainable"]["fraction"] < 0.01
+    assert model.history[-1]["trainable"]["fraction"] < 0.02  # norms + rank-8 LoRA on every linear: 1.8%
     assert all(is_valid_nm(v.weight.detach() != 0, 2, 4) for v in model.adapter.linears())
     assert sf.save_model(model, tmp_path / "model", format="nm")["format"] == "nm"
     reloaded = sf.load_model(str(tmp_path / "model"))
