@@ -88,8 +88,7 @@ def _verify_sparsity(handle: LoadedModel, masks_before: dict[str, torch.Tensor])
 
 def _full(handle: LoadedModel, windows, config: TrainConfig, checkpoint_dir, settings, progress, on_step,
           desc: str) -> dict:
-    params = [p for p in handle.model.parameters()]
-    for p in params:
+    for p in handle.model.parameters():
         p.requires_grad_(True)
     enforce_masks(handle.adapter, handle.masks)
     params = [p for p in handle.model.parameters() if p.requires_grad]  # the parametrized originals
