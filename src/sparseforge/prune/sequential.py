@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..memory import release_freed_memory
 from ..models.handle import LoadedModel
 from ..refine.dsnot import DSnoTConfig, refine
-from ..retrain.reconstruct import ReconstructConfig, reconstruct_block
+from ..retrain.reconstruct import ReconstructConfig, block_mse, reconstruct_block
 from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import Pattern
@@ -275,10 +275,12 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
             del collector
             hidden = blocks.run(index, hidden)
         if plan.reconstruct is not None:
-            reconstruction.append(reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs,
-                                                    plan.reconstruct))
-            bar.set_postfix(mse=f"{reconstruction[-1]['mse_before']:.3g}->{reconstruction[-1]['mse_after']:.3g}")
+            before = block_mse(hidden, targets)  # hidden holds the pruned block's outputs here
+            record = reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs, plan.reconstruct)
             hidden = blocks.run(index, inputs)
+            record.update(mse_before=before, mse_after=block_mse(hidden, targets))
+            reconstruction.append(record)
+            bar.set_postfix(mse=f"{before:.3g}->{record['mse_after']:.3g}")
             del targets, inputs
         blocks.release(index)
         events.extend(block.events)

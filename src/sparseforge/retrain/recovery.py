@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import RetrainError
-from ..evaluation.report import peak_memory_mb
 from ..models.handle import LoadedModel
 from ..sparsity.masks import check_masks_hold, enforce_masks, release_masks
 from ..sparsity.patterns import check_sparsity
@@ -174,7 +173,6 @@ def retrain(
         masks_before = {}
     record["sparsity_preserved"] = _verify_sparsity(handle, masks_before)
     record["seconds"] = round(time.perf_counter() - started, 3)
-    record["peak_memory_mb"] = peak_memory_mb()
     handle.history.append(record)
     return handle
 
