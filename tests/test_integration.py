@@ -111,3 +111,22 @@ def test_perp_recovers_2of4_on_the_real_model_and_keeps_the_pattern(tmp_path):
     ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(ids).logits, model.model(ids).logits)
+
+
+def test_shrunk_default_model_reloads_with_plain_transformers_and_is_faster_in_macs(tmp_path):
+    """FFN -25% on the real model: a smaller checkpoint that plain transformers loads to identical logits."""
+    from transformers import AutoModelForCausalLM
+
+    from sparseforge.evaluation.macs import ideal_speedups
+
+    dense = load_model("default")
+    handle = load_model("default")
+    sf.shrink(handle, ffn=0.25, round_to=64, nsamples=4, seqlen=128, progress=False)
+    record = handle.history[-1]
+    assert record["transformers_loadable"] and record["blocks"][0]["ffn"] == 1152
+    assert ideal_speedups(dense.adapter, handle.adapter, 128, 32)["decode"] > 1.1
+    sf.save_model(handle, tmp_path / "m")
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits
+        assert torch.equal(plain, handle.model(input_ids=ids).logits)

@@ -64,6 +64,7 @@ def _print_summary(report: dict, out_dir: str) -> None:
     if "perplexity" in after:
         table.add_row("perplexity", f"{before['perplexity']['perplexity']:.3f}", f"{after['perplexity']['perplexity']:.3f}")
     table.add_row("sparsity (prunable linears)", f"{before['sparsity']:.1%}", f"{after['sparsity']:.1%}")
+    table.add_row("parameters", f"{before['parameters']['total']:,}", f"{after['parameters']['total']:,}")
     table.add_row("nonzero parameters", f"{before['parameters']['nonzero']:,}", f"{after['parameters']['nonzero']:,}")
     if "speed" in after:
         for key, label in (("prefill_tokens_per_s", "prefill tokens/s"), ("decode_tokens_per_s", "decode tokens/s")):
@@ -189,6 +190,102 @@ def retrain(
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
     out_dir = out_dir or str(Path("runs") / f"{stem}-{method}")
     _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+
+
+def _ratios(text: str, what: str) -> float | list[float]:
+    """``0.25`` for every block, or ``0.1,0.2,...`` with one value per block."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SparseforgeError(f"--{what} must be a fraction or a comma-separated list of fractions, got '{text}'") from None
+    if not values:
+        raise SparseforgeError(f"--{what} is empty")
+    return values[0] if len(values) == 1 else values
+
+
+def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows: Optional[int], speed: bool,
+                    out_dir: str, dtype: Optional[str], device: str, overwrite: bool, restart: bool) -> None:
+    from .pipeline import run_recipe
+    from .recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "model": model, "device": device,
+        "data": {**data, "eval_windows": eval_windows},
+        "stages": [stage],
+        "evaluate": {"perplexity": ppl, "speed": speed},
+        "export": {"format": "dense", "dtype": dtype},
+    }, origin="arguments")
+    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+
+
+@app.command()
+def shrink(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ffn: str = typer.Option("0", help="fraction of FFN neurons to remove: one value, or one per block, comma-separated"),
+    heads: str = typer.Option("0", help="fraction of query heads to remove: one value, or one per block"),
+    score: str = typer.Option("fluctuation", help="importance: magnitude (no data), wanda, fluctuation (FLAP)"),
+    round_to: int = typer.Option(1, help="keep FFN widths a multiple of this, e.g. 8 or 64"),
+    head_unit: str = typer.Option("auto", help="with GQA: within (query heads inside each group, the default) or "
+                                               "group (whole key/value groups)"),
+    compensate: bool = typer.Option(False, help="add removed neurons' mean contribution to the output bias"),
+    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    nsamples: int = typer.Option(32, help="number of calibration windows"),
+    seqlen: int = typer.Option(512, help="window length in tokens (calibration and evaluation)"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-shrink)"),
+    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
+    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+) -> None:
+    """Remove FFN neurons and attention heads physically: a smaller dense model that really runs faster.
+
+    The export loads with plain transformers when every block keeps the same widths; otherwise the structure is
+    recorded in config.json and sparseforge.load_model rebuilds it.
+    """
+    stage = {"shrink": {"ffn": _ratios(ffn, "ffn"), "heads": _ratios(heads, "heads"), "score": score,
+                        "round_to": round_to, "head_unit": head_unit, "compensate": compensate}}
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
+    out_dir = out_dir or str(Path("runs") / f"{stem}-shrink")
+    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+                    ppl, eval_windows, speed, out_dir, dtype, device, overwrite, restart=False)
+
+
+@app.command()
+def finercut(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    remove: float = typer.Option(0.25, help="fraction of all attention + FFN sub-layers to remove (a count if >= 1)"),
+    unit: str = typer.Option("sublayer", help="sublayer (FinerCut's greedy search) or block (whole blocks by "
+                                              "input/output cosine similarity; --remove is then a fraction of blocks)"),
+    distance: str = typer.Option("js", help="js, js_reference (the paper code's argument order), kl, l2, angular"),
+    exclude: float = typer.Option(0.0, help="protect the first blocks until this fraction is removed (paper: 0.4 "
+                                            "for LLaMA-3-8B)"),
+    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    nsamples: int = typer.Option(8, help="calibration windows (the paper: 10)"),
+    calib_seqlen: int = typer.Option(128, help="calibration window length (the paper: 256)"),
+    seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-finercut)"),
+    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
+    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted search instead of resuming"),
+) -> None:
+    """Remove whole attention and FFN sub-layers, one at a time, where the output distribution moves least.
+
+    The search checkpoints after every removal; rerunning the same command after an interruption resumes.
+    """
+    stage = {"finercut": {"remove": remove, "unit": unit, "distance": distance, "exclude": exclude,
+                          "nsamples": nsamples, "seqlen": calib_seqlen}}
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
+    out_dir = out_dir or str(Path("runs") / f"{stem}-finercut")
+    _structural_run(model, stage, {"calibration": calibration, "seqlen": seqlen, "seed": seed}, ppl, eval_windows,
+                    speed, out_dir, dtype, device, overwrite, restart)
 
 
 @app.command("eval")

@@ -48,3 +48,7 @@ class MissingTokenizerError(SparseforgeError):
 
 class RetrainError(SparseforgeError):
     pass
+
+
+class StructureError(SparseforgeError):
+    pass

@@ -28,6 +28,10 @@ from .models.loading import load_model
 from .prune.pruner import prune
 from .recipe import Recipe
 from .retrain.recovery import retrain
+from .structured import finercut, remove_blocks, shrink
+from .structured.blocks import check_block_request
+from .structured.finercut import check_finercut_request
+from .structured.width import ShrinkConfig, check_shrink_request
 
 
 @dataclass
@@ -68,8 +72,42 @@ def _run_retrain(handle: LoadedModel, config: BaseModel, context: StageContext) 
             imp=config.imp.model_dump(), checkpoint_dir=context.checkpoint_dir, progress=context.progress)
 
 
+def _run_shrink(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    shrink(handle, ffn=config.ffn, heads=config.heads, score=config.score, round_to=config.round_to,
+           head_unit=config.head_unit, compensate=config.compensate, calibration=data.calibration,
+           nsamples=data.nsamples, seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size,
+           progress=context.progress)
+
+
+def _run_finercut(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    common = {"calibration": data.calibration, "nsamples": config.nsamples, "seqlen": config.seqlen,
+              "seed": data.seed, "batch_size": config.batch_size, "progress": context.progress}
+    if config.unit == "block":
+        remove_blocks(handle, count=config.remove, **common)
+    else:
+        finercut(handle, remove=config.remove, distance_name=config.distance, exclude=config.exclude,
+                 checkpoint_dir=context.checkpoint_dir, **common)
+
+
 STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
-    "prune": _run_prune, "retrain": _run_retrain}
+    "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut}
+
+
+def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
+    """Refuse structural requests the loaded model cannot satisfy before spending time on evaluation: a ratio
+    list of the wrong length, a width that would reach zero, more sub-layers than the model has. (Checked against
+    the loaded model; the stages check again against the model they receive.)"""
+    for stage in recipe.stages:
+        config = stage.config
+        if stage.kind == "shrink":
+            check_shrink_request(handle, ShrinkConfig(config.ffn, config.heads, config.score, config.round_to,
+                                                      config.head_unit, config.compensate))
+        elif stage.kind == "finercut" and config.unit == "block":
+            check_block_request(handle, config.remove, None)
+        elif stage.kind == "finercut":
+            check_finercut_request(handle, config.remove, config.distance, config.exclude)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -105,6 +143,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
         with _timed(timings, "load_model"):
             handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                                 device=recipe.device)
+        _preflight(handle, recipe)
         windows = corpus = None
         if recipe.evaluate.perplexity:
             with _timed(timings, "prepare_evaluation_data"):

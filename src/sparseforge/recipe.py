@@ -24,6 +24,9 @@ from .retrain.reconstruct import ReconstructConfig
 from .retrain.recovery import DEFAULT_PARAMS, RETRAIN_METHODS
 from .retrain.selection import PARAM_GROUPS
 from .sparsity.allocation import ALLOCATIONS
+from .structured.divergence import DISTANCES
+from .structured.importance import SCORES
+from .structured.width import HEAD_UNITS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
 
@@ -130,11 +133,47 @@ class RetrainStage(_Strict):
         return options | ({"lr": self.lr} if self.lr is not None else {})
 
 
+def _check_ratios(value: float | list[float]) -> float | list[float]:
+    for ratio in [value] if isinstance(value, (int, float)) else value:
+        if not 0 <= ratio < 1:
+            raise ValueError(f"ratio {ratio:g} is outside [0, 1)")
+    return value
+
+
+class ShrinkStage(_Strict):
+    """Width pruning: remove FFN neurons and attention heads physically; calibration from the recipe's ``data``."""
+
+    ffn: float | list[float] = Field(0.0, description="fraction of FFN neurons to remove, one value or one per block")
+    heads: float | list[float] = Field(0.0, description="fraction of query heads to remove, one value or per block")
+    score: Literal[SCORES] = "fluctuation"  # type: ignore[valid-type]
+    round_to: int = Field(1, ge=1, description="keep FFN widths a multiple of this (8, 64, ...)")
+    head_unit: Literal[HEAD_UNITS] = "auto"  # type: ignore[valid-type]
+    compensate: bool = Field(False, description="add removed channels' mean contribution to the output bias")
+    batch_size: int = Field(8, ge=1)
+
+    _ratios = field_validator("ffn", "heads")(classmethod(lambda cls, value: _check_ratios(value)))
+
+
+class FinerCutStage(_Strict):
+    """Remove whole sub-layers: greedily by output divergence (``unit: sublayer``, FinerCut) or whole blocks by
+    input/output similarity (``unit: block``). Calibration text and seed from ``data``; its own window count."""
+
+    remove: float = Field(0.25, gt=0, description="fraction of sub-layers (or blocks) to remove, or a count if >= 1")
+    unit: Literal["sublayer", "block"] = "sublayer"
+    distance: Literal[DISTANCES] = "js"  # type: ignore[valid-type]
+    exclude: float = Field(0.0, ge=0, lt=1, description="protect the first blocks until this fraction is removed")
+    nsamples: int = Field(8, ge=1)
+    seqlen: int = Field(128, ge=2)
+    batch_size: int = Field(4, ge=1)
+
+
 class StageEntry(_Strict):
     """Exactly one of the stage types."""
 
     prune: PruneStage | None = None
     retrain: RetrainStage | None = None
+    shrink: ShrinkStage | None = None
+    finercut: FinerCutStage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StageEntry":
@@ -201,6 +240,9 @@ class Recipe(_Strict):
                     (index == 0 or self.stages[index - 1].kind != "prune"):
                 raise ValueError(f"stages.{index}: retrain method 'reconstruct' runs inside pruning, so it must "
                                  "directly follow a prune stage")
+            if stage.kind in ("shrink", "finercut") and any(s.kind == "prune" for s in self.stages[:index]):
+                raise ValueError(f"stages.{index}: {stage.kind} removes whole neurons, heads or sub-layers from a "
+                                 "dense model, so it must come before pruning")
         return self
 
     def to_yaml(self) -> str:

@@ -16,6 +16,9 @@ import torch  # noqa: E402
 
 SPARSITY_PLOT = "sparsity_per_layer.png"
 LOSS_PLOT = "retrain_loss.png"
+STRUCTURE_PLOT = "structure.png"
+DIVERGENCE_PLOT = "finercut_divergence.png"
+STRUCTURAL_STAGES = ("shrink", "finercut")
 
 
 def peak_memory_mb() -> float:
@@ -135,12 +138,34 @@ def _retrain_lines(stage: dict) -> list[str]:
     return lines
 
 
+def _structure_lines(stage: dict) -> list[str]:
+    """A structural change: parameters before and after, what was removed, and how the export loads."""
+    params = stage["parameters"]
+    lines = [f"- parameters {params['before']:,} -> {params['after']:,} ({params['removed_fraction']:.1%} removed), "
+             f"{stage['seconds']:.1f} s"]
+    if stage["method"] == "width":
+        settings = stage["settings"]
+        lines.append(f"- removed FFN {settings['ffn']} and heads {settings['heads']} (score {settings['score']}, "
+                     f"widths rounded to {settings['round_to']}, head unit {settings['head_unit']}"
+                     f"{', mean contribution compensated' if settings['compensate'] else ''})")
+    else:
+        order = ", ".join(f"{r['kind']}@{r['block']}" for r in stage["removed"])
+        lines.append(f"- removed in this order: {order or 'nothing'}")
+    lines.append("- export loads with plain transformers `from_pretrained`" if stage["transformers_loadable"] else
+                 "- per-block shapes differ from the standard config: the export records them in `config.json` "
+                 "(`sparseforge_structure`) and `sparseforge.load_model` rebuilds them")
+    return lines
+
+
 def _stage_lines(stages: list[dict]) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
     for index, stage in enumerate(stages):
         if stage.get("stage") == "retrain":
             lines += ["", f"## Stage {index}: retrain ({stage['method']})", ""] + _retrain_lines(stage)
+            continue
+        if stage.get("stage") in STRUCTURAL_STAGES:
+            lines += ["", f"## Stage {index}: {stage['stage']} ({stage['method']})", ""] + _structure_lines(stage)
             continue
         title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
         lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]
@@ -236,6 +261,11 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
     lines += _stage_lines(report.get("stages") or [])
     if _loss_curves(report.get("stages") or []):
         lines += ["", f"![retraining loss]({LOSS_PLOT})"]
+    structural = [s for s in report.get("stages") or [] if s.get("stage") in STRUCTURAL_STAGES]
+    if structural:
+        lines += ["", f"![structure per block]({STRUCTURE_PLOT})"]
+    if any(s["method"] == "finercut" for s in structural):
+        lines += ["", f"![FinerCut divergence]({DIVERGENCE_PLOT})"]
     lines += ["", f"![per-layer sparsity]({SPARSITY_PLOT})", "", "## Timings (s)", "",
               "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
@@ -267,6 +297,18 @@ def render_eval_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _plot_structure(directory: Path, report: dict) -> None:
+    from ..structured.plots import plot_divergence, plot_structure
+
+    structural = [s for s in report.get("stages") or [] if s.get("stage") in STRUCTURAL_STAGES]
+    if structural:
+        last = structural[-1]
+        plot_structure(last["blocks"], last["original"], directory / STRUCTURE_PLOT, report["model"]["source"])
+    searched = [s for s in structural if s["method"] == "finercut"]
+    if searched:
+        plot_divergence(searched[-1]["removed"], directory / DIVERGENCE_PLOT, searched[-1]["settings"]["distance"])
+
+
 def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     directory = Path(directory)
     (directory / "report.json").write_text(json.dumps(report, indent=1))
@@ -278,4 +320,5 @@ def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     curves = _loss_curves(report.get("stages") or [])
     if curves:
         plot_losses(curves, directory / LOSS_PLOT)
+    _plot_structure(directory, report)
     (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

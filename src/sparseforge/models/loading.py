@@ -18,10 +18,11 @@ from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundE
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format, verify_weights
-from .adapters import check_supported
+from .adapters import adapter_for, check_supported
 from .default import default_model_dir
 from .gguf import load_gguf
 from .handle import LoadedModel
+from .structure import STRUCTURE_KEY, apply_structure
 from .tiny import build_tiny
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -69,18 +70,22 @@ def _load_hf(name_or_dir: str, dtype: torch.dtype, trust_remote_code: bool):
 def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None):
     """Rebuild a sparseforge export: config -> empty model -> decoded state dict (strict) -> masks."""
     stored_dtype = resolve_dtype(description["dtype"])
-    if description["format"] == "dense":
+    config = _read_config(str(directory), trust_remote_code=False)
+    structure = getattr(config, STRUCTURE_KEY, None)
+    if description["format"] == "dense" and structure is None:
         verify_weights(directory, description)
         model, tokenizer = _load_hf(str(directory), stored_dtype, trust_remote_code=False)
         encoded_masks: dict[str, torch.Tensor] = {}
     else:
-        config = _read_config(str(directory), trust_remote_code=False)
         state, encoded_masks = load_exported_state(directory, description)
         model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype)
+        if structure is not None:  # a shrunk model: give the freshly built modules the recorded shapes first
+            apply_structure(adapter_for(model), structure)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise CorruptCheckpointError(f"{directory} does not match its config: {_first_line(exc)}") from None
+            raise CorruptCheckpointError(f"{directory} does not match its config and recorded structure: "
+                                         f"{_first_line(exc)}") from None
         model.eval()
         tokenizer = _load_tokenizer(str(directory), trust_remote_code=False)
     if dtype is not None and dtype != stored_dtype:

@@ -9,8 +9,9 @@
 * ``reconstruct`` (layer-wise reconstruction) runs inside the layer-sequential pruning pipeline, where the dense
   block outputs exist: see :func:`sparseforge.prune`'s ``reconstruct`` argument and :mod:`.reconstruct`.
 
-A model without masks is refused for ``perp`` and ``full``: there is nothing to recover, and a silent dense
-fine-tune would be mistaken for recovery. IMP prunes by itself and accepts a dense model.
+A model without masks is refused for ``perp`` and ``full`` unless it was shrunk (its structure is recorded):
+otherwise there is nothing to recover, and a silent dense fine-tune would be mistaken for recovery. A shrunk
+model is dense, so its LoRA adapters merge with all-ones masks. IMP prunes by itself and accepts a dense model.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from ..errors import RetrainError
 from ..models.handle import LoadedModel
+from ..models.structure import structure_of
 from ..sparsity.masks import check_masks_hold, enforce_masks, release_masks
 from ..sparsity.patterns import check_sparsity
 from .data import batch_for_step, training_windows
@@ -71,9 +73,10 @@ def _settings(handle: LoadedModel, method: str, extra: dict) -> dict:
 
 
 def _check_pruned(handle: LoadedModel, method: str) -> None:
-    if not handle.masks:
-        raise RetrainError(f"{handle.source} has no pruned weights, so '{method}' has nothing to recover; prune it "
-                           "first (or use method 'imp', which prunes by itself)")
+    """A model must have lost something: pruning masks, or structure (a shrunk model, recorded in its config)."""
+    if not handle.masks and structure_of(handle.adapter) is None:
+        raise RetrainError(f"{handle.source} has no pruned weights and was not shrunk, so '{method}' has nothing to "
+                           "recover; prune or shrink it first (or use method 'imp', which prunes by itself)")
 
 
 def _verify_sparsity(handle: LoadedModel, masks_before: dict[str, torch.Tensor]) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..removed import RemovedAttention, is_removed
+
 
 def get_path(root: nn.Module, path: str) -> Any:
     """Resolve a dotted attribute path ('' is the root itself)."""
@@ -111,10 +113,22 @@ class ArchSpec:
     attention_norms: dict[str, str] = field(default_factory=dict)
     ffn_norms: dict[str, str] = field(default_factory=dict)
     position_embeddings: str | None = None
+    final_projection: str | None = None  # a projection between the final norm and the LM head (OPT-350m)
     # config attribute names, first one present wins
     num_heads_attrs: tuple[str, ...] = ("num_attention_heads",)
     num_kv_heads_attrs: tuple[str, ...] = ("num_key_value_heads",)
     hidden_attrs: tuple[str, ...] = ("hidden_size",)
+    ffn_width_attr: str = "intermediate_size"
+    head_dim_attr: str | None = "head_dim"  # None: head_dim is derived (hidden / heads), so heads cannot change in config
+
+    @property
+    def ffn_output_role(self) -> str:
+        """The FFN linear that maps the intermediate width back to the hidden size (listed last)."""
+        return list(self.ffn_linears)[-1]
+
+    @property
+    def attention_output_role(self) -> str:
+        return list(self.attention_linears)[-1]
 
 
 class ModelAdapter:
@@ -150,8 +164,18 @@ class ModelAdapter:
             for role, path in paths.items()
         }
 
-    def attention(self, index: int) -> SubLayer:
+    def is_removed(self, index: int, kind: str) -> bool:
+        """Whether the attention or FFN sub-layer of block ``index`` was removed (see :mod:`..removed`)."""
         block = self.blocks()[index]
+        if kind == "attention":
+            return isinstance(get_path(block, self.spec.attention), RemovedAttention)
+        return all(is_removed(get_path(block, path)) for path in self.spec.ffn_linears.values())
+
+    def attention(self, index: int) -> SubLayer:
+        """The attention sub-layer of block ``index``; a removed one has no linears and no norms."""
+        block = self.blocks()[index]
+        if self.is_removed(index, "attention"):
+            return SubLayer("attention", get_path(block, self.spec.attention), {}, {})
         return SubLayer(
             "attention",
             get_path(block, self.spec.attention),
@@ -161,9 +185,12 @@ class ModelAdapter:
 
     def ffn(self, index: int) -> SubLayer:
         block = self.blocks()[index]
+        module = get_path(block, self.spec.ffn) if self.spec.ffn else None
+        if self.is_removed(index, "ffn"):
+            return SubLayer("ffn", module, {}, {})
         return SubLayer(
             "ffn",
-            get_path(block, self.spec.ffn) if self.spec.ffn else None,
+            module,
             self._linear_views(index, self.spec.ffn_linears),
             {role: get_path(block, p) for role, p in self.spec.ffn_norms.items()},
         )
@@ -185,6 +212,19 @@ class ModelAdapter:
 
     def final_norm(self) -> nn.Module:
         return get_path(self.model, self.spec.final_norm)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the last block's output: final norm, optional projection, LM head, and the
+        final logit soft-capping of families that have it (Gemma). Lets a search rerun only the tail of a model."""
+        hidden = self.final_norm()(hidden)
+        projection = get_path(self.model, self.spec.final_projection) if self.spec.final_projection else None
+        if projection is not None:
+            hidden = projection(hidden)
+        logits = self.lm_head()(hidden)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
 
     def norms(self) -> dict[str, nn.Module]:
         """Every normalisation module of the model (block, final and extra norms such as Gemma's q/k norms), by name.

@@ -19,4 +19,6 @@ GPT2 = ArchSpec(
     num_heads_attrs=("n_head", "num_attention_heads"),
     num_kv_heads_attrs=(),
     hidden_attrs=("n_embd", "hidden_size"),
+    ffn_width_attr="n_inner",
+    head_dim_attr=None,
 )

@@ -16,4 +16,7 @@ OPT = ArchSpec(
     attention_norms={"input": "self_attn_layer_norm"},
     ffn_norms={"input": "final_layer_norm"},
     position_embeddings="model.decoder.embed_positions",
+    final_projection="model.decoder.project_out",
+    ffn_width_attr="ffn_dim",
+    head_dim_attr=None,
 )
