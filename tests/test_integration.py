@@ -119,8 +119,8 @@ def test_shrunk_default_model_reloads_with_plain_transformers_and_is_faster_in_m
 
     from sparseforge.evaluation.macs import ideal_speedups
 
-    dense = load_model("default")
-    handle = load_model("default")
+    dense = sf.load_model("default")
+    handle = sf.load_model("default")
     sf.shrink(handle, ffn=0.25, round_to=64, nsamples=4, seqlen=128, progress=False)
     record = handle.history[-1]
     assert record["transformers_loadable"] and record["blocks"][0]["ffn"] == 1152

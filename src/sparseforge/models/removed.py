@@ -4,7 +4,7 @@ is left of the sub-layer, and the model really does less work.
 A removed FFN keeps its module tree but its linears become :class:`RemovedLinear` (the input projections produce
 width-0 activations, the output projection produces zeros), which works for every family, including OPT whose FFN
 linears sit directly on the block. A removed attention becomes :class:`RemovedAttention`: attention implementations
-reshape by head count, so it has to be replaced whole. It still records a one-channel placeholder in the KV cache,
+reshape by head count, so it has to be replaced whole. It still records a one-channel zero entry in the KV cache,
 because generation reads the cached length from layer 0 and the causal mask from each layer's cache.
 """
 
@@ -39,8 +39,8 @@ class RemovedAttention(nn.Module):
         cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "update"):
             batch, length = hidden_states.shape[:2]
-            placeholder = hidden_states.new_zeros(batch, 1, length, 1)
-            cache.update(placeholder, placeholder, self.layer_idx)
+            length_marker = hidden_states.new_zeros(batch, 1, length, 1)
+            cache.update(length_marker, length_marker, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
     def extra_repr(self) -> str:
