@@ -49,10 +49,15 @@ def _log(message: str) -> None:
     console.print(f"[dim]›[/dim] {message}", soft_wrap=True, highlight=False)
 
 
-def _default_out(model: str, method: str, pattern: str, sparsity: Optional[float]) -> str:
+def _run_directory(model: str, suffix: str) -> str:
+    """``runs/<model name>-<suffix>``, with the model name made safe for a path."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
+    return str(Path("runs") / f"{stem}-{suffix}")
+
+
+def _default_out(model: str, method: str, pattern: str, sparsity: Optional[float]) -> str:
     amount = pattern.replace(":", "of") if pattern != "unstructured" else f"{sparsity:g}"
-    return str(Path("runs") / f"{stem}-{method}-{amount}")
+    return _run_directory(model, f"{method}-{amount}")
 
 
 def _print_summary(report: dict, out_dir: str) -> None:
@@ -187,8 +192,7 @@ def retrain(
         "evaluate": {"perplexity": ppl},
         "export": {"format": format},
     }, origin="arguments")
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
-    out_dir = out_dir or str(Path("runs") / f"{stem}-{method}")
+    out_dir = out_dir or _run_directory(model, method)
     _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
 
 
@@ -247,8 +251,7 @@ def shrink(
     """
     stage = {"shrink": {"ffn": _ratios(ffn, "ffn"), "heads": _ratios(heads, "heads"), "score": score,
                         "round_to": round_to, "head_unit": head_unit, "compensate": compensate}}
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
-    out_dir = out_dir or str(Path("runs") / f"{stem}-shrink")
+    out_dir = out_dir or _run_directory(model, "shrink")
     _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
                     ppl, eval_windows, speed, out_dir, dtype, device, overwrite, restart=False)
 
@@ -282,8 +285,7 @@ def finercut(
     """
     stage = {"finercut": {"remove": remove, "unit": unit, "distance": distance, "exclude": exclude,
                           "nsamples": nsamples, "seqlen": calib_seqlen}}
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or model)
-    out_dir = out_dir or str(Path("runs") / f"{stem}-finercut")
+    out_dir = out_dir or _run_directory(model, "finercut")
     _structural_run(model, stage, {"calibration": calibration, "seqlen": seqlen, "seed": seed}, ppl, eval_windows,
                     speed, out_dir, dtype, device, overwrite, restart)
 
