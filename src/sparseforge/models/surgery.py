@@ -13,13 +13,8 @@ import torch
 from torch import nn
 
 from .adapters import LinearView, ModelAdapter
-from .adapters.base import get_path
+from .adapters.base import set_path
 from .removed import RemovedAttention, RemovedLinear
-
-
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(get_path(root, parent), child, module)
 
 
 def _parameter(tensor: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -121,10 +116,10 @@ def remove_sublayer(adapter: ModelAdapter, index: int, kind: str) -> None:
     for role in sub.norms:
         path = (spec.attention_norms if kind == "attention" else spec.ffn_norms)[role]
         if kind == "ffn" or not path.startswith(f"{spec.attention}."):
-            _set_path(block, path, nn.Identity())
+            set_path(block, path, nn.Identity())
     if kind == "attention":
-        _set_path(block, spec.attention, RemovedAttention(getattr(sub.module, "layer_idx", index)))
+        set_path(block, spec.attention, RemovedAttention(getattr(sub.module, "layer_idx", index)))
         return
     hidden = sub.linears[spec.ffn_output_role].out_features
     for role, path in spec.ffn_linears.items():
-        _set_path(block, path, RemovedLinear(hidden if role == spec.ffn_output_role else 0))
+        set_path(block, path, RemovedLinear(hidden if role == spec.ffn_output_role else 0))

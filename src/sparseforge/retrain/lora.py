@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import RetrainError
 from ..models.adapters import LinearView
-from ..models.adapters.base import get_path
+from ..models.adapters.base import get_path, set_path
 from ..models.handle import LoadedModel
 
 LORA_VARIANTS = ("mask", "scale", "plain", "prune_at_merge")
@@ -115,11 +115,6 @@ def _peft_delta(wrapper: nn.Module) -> torch.Tensor:
     return (wrapper.scaling[_ADAPTER] * (b.float() @ a.float())).detach()
 
 
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(get_path(model, parent), child, module)
-
-
 class Adapters:
     """The adapters attached to one model: their trainable parameters, and merging them back.
 
@@ -188,7 +183,7 @@ class Adapters:
                     elif mask is not None:
                         densified.append(name)
                     view.weight.add_(delta.to(view.weight.dtype))  # the [out, in] view writes through to storage
-            _replace_module(model, name, base)
+            set_path(model, name, base)
         for name in densified:  # plain LoRA: these weights are dense now, and their masks would be a lie
             self.handle.masks.pop(name)
         return {"variant": self.config.variant, "layers": len(self.views), "lm_head": self.lm_head,

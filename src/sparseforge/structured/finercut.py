@@ -17,7 +17,6 @@ blocks are not candidates until ``floor(2L*x)+1`` sub-layers have been removed (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from ..models.handle import LoadedModel
 from ..models.structure import describe_blocks, record_structure
 from ..models.surgery import remove_sublayer
 from ..prune.pruner import calibration_data
+from ..prune.sequential import digest
 from .divergence import DISTANCES, Reference
 from .preconditions import check_shrinkable, original_shape
 
@@ -123,11 +123,6 @@ class _Search:
         return total / len(self.kwargs)
 
 
-def fingerprint(windows: torch.Tensor) -> str:
-    """A short hash of the calibration tokens: a checkpoint made on other text is never resumed."""
-    return hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 def _excluded(adapter: ModelAdapter, exclude: float, removed: int) -> set[int]:
     if exclude <= 0 or removed >= int(2 * adapter.num_blocks * exclude) + 1:
         return set()
@@ -159,7 +154,7 @@ def finercut(handle: LoadedModel, remove: float = 0.25, distance_name: str = "js
     before = parameter_counts(handle)["total"]
     windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     search = _Search(handle, windows, batch_size, distance_name)
-    settings = {"distance": distance_name, "exclude": exclude, "windows": fingerprint(windows),
+    settings = {"distance": distance_name, "exclude": exclude, "windows": digest([windows]),  # never resume on other text
                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
     removed = _load_state(state_path, settings)[:count]  # a longer search's order serves a shorter one

@@ -24,6 +24,12 @@ def get_path(root: nn.Module, path: str) -> Any:
     return obj
 
 
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted attribute path (shape surgery, adapter merging)."""
+    parent, _, child = path.rpartition(".")
+    setattr(get_path(root, parent), child, module)
+
+
 def _unwrapped(module: nn.Module) -> nn.Module:
     """The layer itself when an adapter library (peft) has wrapped it, so views always see the real weight."""
     return getattr(module, "base_layer", module)
