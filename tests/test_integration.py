@@ -130,3 +130,23 @@ def test_shrunk_default_model_reloads_with_plain_transformers_and_is_faster_in_m
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits
         assert torch.equal(plain, handle.model(input_ids=ids).logits)
+
+
+def test_ffn_skipping_on_the_default_model(tmp_path):
+    """Never-skip equals dense; a calibrated 20% policy skips about that much when generating, and round-trips."""
+    from sparseforge.skip import SkipPolicy, install_policy
+
+    handle = sf.load_model("default")
+    prompt = "The history of the city begins"
+    dense = sf.generate(handle, prompt, max_new_tokens=16)["tokens"]
+    install_policy(handle, SkipPolicy(threshold=1.01, cold_start=1, cold_end=1))
+    assert torch.equal(sf.generate(handle, prompt, max_new_tokens=16)["tokens"], dense)
+    policy = sf.calibrate_skip(handle, 0.2, k=1, nsamples=4, prompt_tokens=32, new_tokens=16, progress=False)
+    assert abs(policy.calibration["ratio_teacher_forced"] - 0.2) <= 0.01
+    assert abs(policy.calibration["ratio_in_generation"] - 0.2) <= 0.1
+    assert policy.cold_start >= 1 and policy.cold_end >= 1 and 0.5 < policy.threshold < 1
+    skipped = sf.generate(handle, prompt, max_new_tokens=16)
+    assert skipped["skip"]["ratio"] > 0.05
+    sf.save_model(handle, tmp_path / "m")
+    reloaded = sf.load_model(str(tmp_path / "m"))
+    assert torch.equal(sf.generate(reloaded, prompt, max_new_tokens=16)["tokens"], skipped["tokens"])

@@ -8,6 +8,8 @@ The Python API mirrors the command line::
     sf.retrain(model, method="perp", params=["norm", "lora"], lora={"variant": "mask"}, steps=100)
     sf.shrink(dense, ffn=0.25, heads=0.25)          # physically smaller: FFN neurons and heads removed
     sf.finercut(dense, remove=0.25)                 # whole attention / FFN sub-layers removed, greedily
+    sf.calibrate_skip(dense, target=0.25)           # FFN blocks skipped per token while decoding
+    print(sf.generate(dense, "The capital of France is")["texts"])
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
     sf.run_recipe(sf.load_recipe("recipes/demo.yaml"), "runs/demo")
@@ -24,6 +26,7 @@ from .models.loading import load_model  # noqa: E402
 from .prune.pruner import prune  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .retrain.recovery import retrain  # noqa: E402
+from .skip import calibrate_skip, generate  # noqa: E402
 from .structured import finercut, remove_blocks, shrink  # noqa: E402
 
 
@@ -62,5 +65,6 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
     return _run(load_recipe(recipe) if isinstance(recipe, str) else recipe, out_dir, overwrite, progress)
 
 
-__all__ = ["LoadedModel", "Recipe", "SparseforgeError", "evaluate", "finercut", "load_model", "load_recipe",
+__all__ = ["LoadedModel", "Recipe", "SparseforgeError", "calibrate_skip", "evaluate", "finercut", "generate",
+           "load_model", "load_recipe",
            "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

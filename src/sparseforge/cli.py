@@ -290,6 +290,84 @@ def finercut(
                     speed, out_dir, dtype, device, overwrite, restart)
 
 
+skip_app = typer.Typer(help="Input-adaptive FFN skipping while decoding (FFN-SkipLLM).", no_args_is_help=True,
+                       rich_markup_mode=None)
+app.add_typer(skip_app, name="skip")
+
+
+@skip_app.command("calibrate")
+def skip_calibrate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    target: float = typer.Option(0.25, help="share of all FFN blocks to skip on generated tokens, e.g. 0.1-0.35"),
+    k: Optional[int] = typer.Option(None, help="FFNs skipped after a saturated one (default: the best of 1-4)"),
+    similarity: str = typer.Option("residual", help="residual: cos(stream before, after the FFN); ffn_only: "
+                                                    "cos(FFN input, FFN output)"),
+    cold_start: Optional[int] = typer.Option(None, help="first layers never skipped (default: from calibration)"),
+    cold_end: Optional[int] = typer.Option(None, help="last layers never skipped (default: from calibration)"),
+    warmup: int = typer.Option(0, help="generated tokens decoded with the full model before skipping starts"),
+    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    nsamples: int = typer.Option(8, help="calibration prompts"),
+    prompt_tokens: int = typer.Option(48, help="tokens per calibration prompt"),
+    new_tokens: int = typer.Option(32, help="tokens generated per calibration prompt"),
+    seed: int = typer.Option(0, help="seed for drawing calibration prompts"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-skip<target>)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (text scored as if the "
+                                                        "policy had generated it)"),
+    speed: bool = typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+) -> None:
+    """Calibrate where and how much to skip FFN blocks per token, and save the policy with the model.
+
+    Attention always runs, so the KV cache stays exact. `sparseforge generate DIR` and sparseforge.load_model(DIR)
+    restore the policy.
+    """
+    stage = {"skip": {"target": target, "k": k, "similarity": similarity, "cold_start": cold_start,
+                      "cold_end": cold_end, "warmup": warmup, "nsamples": nsamples, "prompt_tokens": prompt_tokens,
+                      "new_tokens": new_tokens}}
+    out_dir = out_dir or _run_directory(model, f"skip{target:g}")
+    _structural_run(model, stage, {"calibration": calibration, "seed": seed}, ppl, eval_windows, speed, out_dir,
+                    None, device, overwrite, restart=False)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP + "; a directory saved with a skip policy uses it"),
+    prompt: str = typer.Argument(..., help="text to continue"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate"),
+    sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(1.0, help="sampling temperature (with --sample)"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass (with --sample)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    policy: Optional[Path] = typer.Option(None, help="a skip_policy.json (or a directory holding one) to apply"),
+    no_skip: bool = typer.Option(False, "--no-skip", help="ignore the saved skip policy: the full model"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+) -> None:
+    """Generate text with the KV cache, skipping FFN blocks as the model's skip policy decides."""
+    from .models.loading import load_model
+    from .skip import generate as skip_generate
+    from .skip import install_policy, read_policy, uninstall_policy
+    from .skip.policy import check_fingerprint
+
+    handle = load_model(model, device=device)
+    if no_skip:
+        uninstall_policy(handle)
+    elif policy is not None:
+        chosen = read_policy(policy)
+        check_fingerprint(chosen, handle.adapter, str(policy))
+        install_policy(handle, chosen)
+    result = skip_generate(handle, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
+                           temperature=temperature, top_p=top_p, seed=seed)
+    out.print(prompt + result["texts"][0], highlight=False, markup=False)
+    summary = result["skip"]
+    if summary is None:
+        _log("no skip policy: every FFN block ran")
+    else:
+        _log(f"{handle.skip.policy.describe()}: skipped {summary['ratio']:.1%} of FFN blocks over "
+             f"{summary['governed_tokens']} tokens ({summary['warmup_tokens']} warm-up tokens ran densely)")
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),

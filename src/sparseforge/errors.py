@@ -52,3 +52,7 @@ class RetrainError(SparseforgeError):
 
 class StructureError(SparseforgeError):
     pass
+
+
+class SkipError(SparseforgeError):
+    pass

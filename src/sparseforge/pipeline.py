@@ -28,6 +28,8 @@ from .models.loading import load_model
 from .prune.pruner import prune
 from .recipe import Recipe
 from .retrain.recovery import retrain
+from .skip import calibrate_skip
+from .skip.calibrate import check_skip_request
 from .structured import finercut, remove_blocks, shrink
 from .structured.blocks import check_block_request
 from .structured.finercut import check_finercut_request
@@ -91,8 +93,17 @@ def _run_finercut(handle: LoadedModel, config: BaseModel, context: StageContext)
                  checkpoint_dir=context.checkpoint_dir, **common)
 
 
+def _run_skip(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    calibrate_skip(handle, target=config.target, k=config.k, similarity=config.similarity,
+                   cold_start=config.cold_start, cold_end=config.cold_end, warmup=config.warmup,
+                   calibration=data.calibration, nsamples=config.nsamples, prompt_tokens=config.prompt_tokens,
+                   new_tokens=config.new_tokens, seed=data.seed, tolerance=config.tolerance, progress=context.progress)
+
+
 STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
-    "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut}
+    "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut,
+    "skip": _run_skip}
 
 
 def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
@@ -108,6 +119,8 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
             check_block_request(handle, config.remove, None)
         elif stage.kind == "finercut":
             check_finercut_request(handle, config.remove, config.distance, config.exclude)
+        elif stage.kind == "skip":
+            check_skip_request(handle.adapter.num_blocks, config.target, config.cold_start, config.cold_end)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -170,7 +183,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
             after = copy.deepcopy(before)
         if dense is not None:
             with _timed(timings, "speed"):
-                speed = compare_with_settings({"before": dense, "after": handle.model}, recipe.evaluate)
+                speed = compare_with_settings({"before": dense, "after": handle.model}, recipe.evaluate,
+                                              skip=handle.skip)
             before["speed"], after["speed"] = speed["before"], speed["after"]
             del dense
         export = None

@@ -26,6 +26,7 @@ from .retrain.selection import PARAM_GROUPS
 from .sparsity.allocation import ALLOCATIONS
 from .structured.divergence import DISTANCES
 from .structured.importance import SCORES
+from .skip.policy import SIMILARITIES
 from .structured.width import HEAD_UNITS
 from .sparsity.patterns import parse_pattern, resolve_sparsity
 
@@ -167,6 +168,29 @@ class FinerCutStage(_Strict):
     batch_size: int = Field(4, ge=1)
 
 
+class SkipStage(_Strict):
+    """Calibrate an input-adaptive FFN-skip policy (FFN-SkipLLM) for the final model; evaluation and export then run
+    with it. Calibration text and seed from ``data``."""
+
+    target: float = Field(0.25, description="share of all FFN blocks to skip on generated tokens, in (0, 1)")
+    k: int | None = Field(None, ge=1, description="FFNs skipped after a saturated one (default: searched, 1-4)")
+    similarity: Literal[SIMILARITIES] = "residual"  # type: ignore[valid-type]
+    cold_start: int | None = Field(None, ge=0, description="first layers never skipped (default: from calibration)")
+    cold_end: int | None = Field(None, ge=0, description="last layers never skipped (default: from calibration)")
+    warmup: int = Field(0, ge=0, description="generated tokens decoded densely before skipping starts")
+    nsamples: int = Field(8, ge=1, description="calibration prompts")
+    prompt_tokens: int = Field(48, ge=1)
+    new_tokens: int = Field(32, ge=1, description="tokens the dense model generates per calibration prompt")
+    tolerance: float = Field(0.005, gt=0, description="how close to the target the calibration ratio must get")
+
+    @field_validator("target")
+    @classmethod
+    def _in_range(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"target skip ratio {value:g} is outside (0, 1)")
+        return value
+
+
 class StageEntry(_Strict):
     """Exactly one of the stage types."""
 
@@ -174,6 +198,7 @@ class StageEntry(_Strict):
     retrain: RetrainStage | None = None
     shrink: ShrinkStage | None = None
     finercut: FinerCutStage | None = None
+    skip: SkipStage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StageEntry":
@@ -243,6 +268,9 @@ class Recipe(_Strict):
             if stage.kind in ("shrink", "finercut") and any(s.kind == "prune" for s in self.stages[:index]):
                 raise ValueError(f"stages.{index}: {stage.kind} removes whole neurons, heads or sub-layers from a "
                                  "dense model, so it must come before pruning")
+            if stage.kind == "skip" and index != len(self.stages) - 1:
+                raise ValueError(f"stages.{index}: skip is calibrated on the final weights, so it must be the last "
+                                 "stage")
         return self
 
     def to_yaml(self) -> str:

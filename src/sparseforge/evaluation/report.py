@@ -19,6 +19,7 @@ LOSS_PLOT = "retrain_loss.png"
 STRUCTURE_PLOT = "structure.png"
 DIVERGENCE_PLOT = "finercut_divergence.png"
 STRUCTURAL_STAGES = ("shrink", "finercut")
+SKIP_PLOT = "skip_profile.png"
 
 
 def peak_memory_mb() -> float:
@@ -107,6 +108,12 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
     if get(after, "speed"):
         rows += [("prefill tokens/s", get(before, "speed", "prefill_tokens_per_s"), get(after, "speed", "prefill_tokens_per_s")),
                  ("decode tokens/s", get(before, "speed", "decode_tokens_per_s"), get(after, "speed", "decode_tokens_per_s"))]
+    for part, summary in (get(after, "skip") or {}).items():
+        if isinstance(summary, dict):
+            rows.append((f"FFN blocks skipped ({part})", None, summary["ratio"]))
+    speed_skip = get(after, "speed", "skip")
+    if speed_skip:
+        rows.append(("FFN blocks skipped (speed run)", None, speed_skip["ratio"]))
     return rows
 
 
@@ -157,12 +164,37 @@ def _structure_lines(stage: dict) -> list[str]:
     return lines
 
 
-def _stage_lines(stages: list[dict]) -> list[str]:
+def _skip_lines(stage: dict, after: dict) -> list[str]:
+    """A calibrated FFN-skip policy: its settings, how well calibration hit the target, what it skipped here."""
+    policy = stage["policy"]
+    calibration = policy["calibration"]
+    lines = [f"- policy: {policy['mode']}, threshold {policy['threshold']:.4f}, k {policy['k']}, "
+             f"{policy['similarity']} similarity, cold layers {policy['cold_start']} + {policy['cold_end']}, "
+             f"warm-up {policy['warmup']} tokens ({stage['seconds']:.1f} s)",
+             f"- target ratio {calibration['target']:g}: {calibration['ratio_teacher_forced']:.3f} on the "
+             f"calibration text, {calibration['ratio_in_generation']:.3f} when generating from its prompts; "
+             f"top-1 agreement with the dense model there {calibration['agreement']:.3f}",
+             "- candidates: " + "; ".join(f"k {c['k']} cold {c['cold_start']}+{c['cold_end']}: threshold "
+                                          f"{c['threshold']:.4f}, ratio {c['ratio']:.3f}, KL {c['kl']:.3f}, "
+                                          f"agreement {c['agreement']:.3f}" for c in calibration["candidates"])]
+    for part, summary in (after.get("skip") or {}).items():
+        if isinstance(summary, dict):
+            lines.append(f"- realised in {part}: {summary['ratio']:.3f} of all FFN blocks over "
+                         f"{summary['governed_tokens']:,} governed tokens ({summary['warmup_tokens']:,} warm-up "
+                         f"tokens dense)")
+    return lines
+
+
+def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
     for index, stage in enumerate(stages):
         if stage.get("stage") == "retrain":
             lines += ["", f"## Stage {index}: retrain ({stage['method']})", ""] + _retrain_lines(stage)
+            continue
+        if stage.get("stage") == "skip":
+            lines += ["", f"## Stage {index}: FFN skipping ({stage['method']})", ""] + _skip_lines(stage, after or {})
+            lines += ["", f"![where FFNs are skipped]({SKIP_PLOT})"]
             continue
         if stage.get("stage") in STRUCTURAL_STAGES:
             lines += ["", f"## Stage {index}: {stage['stage']} ({stage['method']})", ""] + _structure_lines(stage)
@@ -258,7 +290,7 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
         lines += ["", f"Export: format `{export['format']}` ({export['dtype']}), weights {export['weight_bytes']:,} "
                       f"bytes, directory {export['directory_bytes']:,} bytes, in `model/`."]
     lines += task_section(report["metrics"].get("before"), report["metrics"].get("after") or {})
-    lines += _stage_lines(report.get("stages") or [])
+    lines += _stage_lines(report.get("stages") or [], report["metrics"].get("after"))
     if _loss_curves(report.get("stages") or []):
         lines += ["", f"![retraining loss]({LOSS_PLOT})"]
     structural = [s for s in report.get("stages") or [] if s.get("stage") in STRUCTURAL_STAGES]
@@ -309,6 +341,16 @@ def _plot_structure(directory: Path, report: dict) -> None:
         plot_divergence(searched[-1]["removed"], directory / DIVERGENCE_PLOT, searched[-1]["settings"]["distance"])
 
 
+def _plot_skip(directory: Path, report: dict) -> None:
+    from ..skip.plots import plot_skip_profile
+
+    skips = [s for s in report.get("stages") or [] if s.get("stage") == "skip"]
+    if skips:
+        measured = (report["metrics"].get("after") or {}).get("skip") or {}
+        rates = {f"in {part}": s["per_layer"] for part, s in measured.items() if isinstance(s, dict)}
+        plot_skip_profile(skips[-1]["policy"], rates, directory / SKIP_PLOT, report["model"]["source"])
+
+
 def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     directory = Path(directory)
     (directory / "report.json").write_text(json.dumps(report, indent=1))
@@ -321,4 +363,5 @@ def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     if curves:
         plot_losses(curves, directory / LOSS_PLOT)
     _plot_structure(directory, report)
+    _plot_skip(directory, report)
     (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

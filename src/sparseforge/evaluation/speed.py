@@ -88,19 +88,25 @@ def _prompt(model, batch_size: int, prompt_len: int, seed: int) -> torch.Tensor:
 
 
 def compare_speed(models: dict[str, torch.nn.Module], batch_size: int = 1, prompt_len: int = 128,
-                  new_tokens: int = 32, repeats: int = 5, seed: int = 0, threads: int | None = None) -> dict:
+                  new_tokens: int = 32, repeats: int = 5, seed: int = 0, threads: int | None = None,
+                  prompt_ids: torch.Tensor | None = None) -> dict:
     """Measure several models alternately in one process; returns setup plus tokens/s per model.
 
     ``threads`` sets torch's intra-op threads for the measurement (default: leave as is). Ratios between models
     measured in one call are the numbers to quote; absolute tokens/s from different calls are not comparable.
+    ``prompt_ids`` [batch, prompt] replaces the random prompt (input-adaptive models behave differently on text).
     """
     with _threads(threads):
-        return _compare(models, batch_size, prompt_len, new_tokens, repeats, seed)
+        return _compare(models, batch_size, prompt_len, new_tokens, repeats, seed, prompt_ids)
 
 
-def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed) -> dict:
+def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed, prompt_ids=None) -> dict:
     first = next(iter(models.values()))
-    ids = _prompt(first, batch_size, prompt_len, seed)
+    if prompt_ids is not None:
+        ids = prompt_ids.to(next(first.parameters()).device)
+        batch_size, prompt_len = ids.shape
+    else:
+        ids = _prompt(first, batch_size, prompt_len, seed)
     timings = {name: {"prefill": [], "decode": []} for name in models}
     for model in models.values():  # warm-up
         _prefill_seconds(model, ids)
@@ -119,13 +125,19 @@ def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed) -> dict:
     return {"setup": _setup(first, batch_size, prompt_len, new_tokens, repeats), "results": results}
 
 
-def compare_with_settings(models: dict[str, torch.nn.Module], settings) -> dict:
+def compare_with_settings(models: dict[str, torch.nn.Module], settings, skip=None) -> dict:
     """:func:`compare_speed` with the ``speed_*`` fields of a recipe's ``evaluate:`` or an eval session's settings;
-    returns ``{name: {"setup": ..., "prefill_tokens_per_s": ..., ...}}``."""
+    returns ``{name: {"setup": ..., "prefill_tokens_per_s": ..., ...}}``. ``skip``: the skip controller installed on
+    the last model, whose realised skip ratio during the measurement is added to that model's entry."""
+    if skip is not None:
+        skip.accounting.reset()
     measured = compare_speed(models, batch_size=settings.speed_batch_size, prompt_len=settings.speed_prompt_tokens,
                              new_tokens=settings.speed_new_tokens, repeats=settings.speed_repeats,
                              threads=settings.speed_threads)
-    return {name: {"setup": measured["setup"], **result} for name, result in measured["results"].items()}
+    results = {name: {"setup": measured["setup"], **result} for name, result in measured["results"].items()}
+    if skip is not None:
+        results[list(models)[-1]]["skip"] = skip.accounting.summary(skip.policy)
+    return results
 
 
 def measure_speed(model: torch.nn.Module, **kwargs) -> dict:

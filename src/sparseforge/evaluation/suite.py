@@ -3,6 +3,8 @@ knowledge QA and speed."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..data.sources import load_corpus
@@ -44,15 +46,49 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
     answers are compared with.
     """
     metrics: dict = {"sparsity": sparsity_summary(handle)["overall"], "parameters": parameter_counts(handle)}
+    skip = _SkipRecorder(handle, metrics)
     if windows is not None:
-        metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
+        with skip.scoring("perplexity"):
+            metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
     if tasks or qa:
         lm = lm_eval_model(handle)
         if tasks:
-            metrics["zero_shot"] = zero_shot(handle, tasks, limit=limit, lm=lm)
+            with skip.scoring("zero_shot"):
+                metrics["zero_shot"] = zero_shot(handle, tasks, limit=limit, lm=lm)
         if qa:
-            metrics["qa"] = knowledge_qa(handle, qa, limit=limit, prompt=qa_prompt, lm=lm,
-                                         reference=(reference or {}).get("qa"))
+            with skip.counting("qa"):
+                metrics["qa"] = knowledge_qa(handle, qa, limit=limit, prompt=qa_prompt, lm=lm,
+                                             reference=(reference or {}).get("qa"))
     if speed:
-        metrics["speed"] = measure_speed(handle.model, **(speed_options or {}))
+        with skip.counting("speed"):
+            metrics["speed"] = measure_speed(handle.model, **(speed_options or {}))
     return metrics
+
+
+class _SkipRecorder:
+    """With an FFN-skip policy installed (``handle.skip``), every measurement runs with it: text is scored
+    teacher-forced as if the policy had generated it (after its warm-up), generation skips for real; what it
+    skipped in each part is recorded under ``metrics["skip"]``. Without a policy, nothing happens."""
+
+    def __init__(self, handle: LoadedModel, metrics: dict):
+        self.controller = getattr(handle, "skip", None)
+        if self.controller is not None:
+            metrics["skip"] = {"policy": self.controller.policy.describe()}
+            self.record = metrics["skip"]
+
+    @contextlib.contextmanager
+    def counting(self, part: str):
+        if self.controller is None:
+            yield
+            return
+        self.controller.accounting.reset()
+        yield
+        self.record[part] = self.controller.accounting.summary(self.controller.policy)
+
+    @contextlib.contextmanager
+    def scoring(self, part: str):
+        if self.controller is None:
+            yield
+            return
+        with self.controller.scoring(), self.counting(part):
+            yield

@@ -132,6 +132,10 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
             "tensors": described,
         }
         (tmp / FORMAT_FILE).write_text(json.dumps(description, indent=1))
+        if handle.skip is not None:  # the FFN-skip policy travels with the model it was calibrated for
+            from ..skip.policy import save_policy
+
+            save_policy(handle.skip.policy, tmp)
     return description
 
 

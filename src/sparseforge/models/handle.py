@@ -26,6 +26,7 @@ class LoadedModel:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # one report per stage applied (method, settings, events)
     adapter: ModelAdapter = field(init=False)
+    skip: object | None = field(default=None, init=False, repr=False)  # installed FFN-skip policy (skip.runtime)
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)

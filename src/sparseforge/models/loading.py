@@ -168,4 +168,18 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
             handle = LoadedModel(model, tokenizer, source=spec)
     check_finite(handle)
     handle.model.to(target_device)
+    if spec != "default" and not spec.startswith("tiny-") and Path(spec).expanduser().is_dir():
+        _restore_skip_policy(handle, resolve_model_directory(Path(spec).expanduser()))
     return handle
+
+
+def _restore_skip_policy(handle: LoadedModel, directory: Path) -> None:
+    """A directory saved with an FFN-skip policy (``skip_policy.json``) comes back with the policy installed,
+    after checking it was calibrated for these weights."""
+    from ..skip.policy import POLICY_FILE, check_fingerprint, read_policy
+    from ..skip.runtime import install_policy
+
+    if (directory / POLICY_FILE).exists():
+        policy = read_policy(directory / POLICY_FILE)
+        check_fingerprint(policy, handle.adapter, str(directory / POLICY_FILE))
+        install_policy(handle, policy)

@@ -58,13 +58,17 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build_tiny(name: str, dtype: torch.dtype = torch.float32):
-    """Build ``tiny-<family>``: returns (model, tokenizer)."""
+def build_tiny(name: str, dtype: torch.dtype = torch.float32, num_layers: int | None = None):
+    """Build ``tiny-<family>``: returns (model, tokenizer). ``num_layers`` deepens it (tests of per-layer policies)."""
     family = name.removeprefix("tiny-")
     configs = _tiny_configs()
     if family not in configs:
         raise ModelNotFoundError(f"unknown tiny model '{name}'; available: {', '.join('tiny-' + f for f in configs)}")
     config = configs[family]
+    if num_layers:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(num_layers)]
     torch.manual_seed(TINY_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
