@@ -49,7 +49,7 @@ class CalibrationText:
     similarity_high: list[float] = field(default_factory=list)
 
 
-def _generate_dense(handle: LoadedModel, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def _generate_greedy(handle: LoadedModel, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     tokenizer = handle.tokenizer
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
     device = next(handle.model.parameters()).device
@@ -79,7 +79,7 @@ def prepare_text(handle: LoadedModel, warmup: int, calibration="default", nsampl
         raise SkipError(f"warm-up {warmup} leaves nothing to calibrate in {new_tokens} new tokens: "
                         "generate more tokens or shorten the warm-up")
     prompts = calibration_data(handle, calibration, nsamples, prompt_tokens, seed)
-    sequences = _generate_dense(handle, prompts, new_tokens)
+    sequences = _generate_greedy(handle, prompts, new_tokens)
     text = CalibrationText(sequences, prompts.shape[1], prompts.shape[1] + warmup, torch.empty(0))
     recorder = SkipController(handle, SkipPolicy(threshold=2.0, cold_start=0, cold_end=0, warmup=warmup))
     recorder.record_similarity = True
@@ -206,7 +206,7 @@ def calibrate_skip(handle: LoadedModel, target: float, k: int | None = None, sim
                  "prompt_tokens": text.prompt_tokens, "new_tokens": new_tokens, "seed": seed}}
     controller = install_policy(handle, policy)
     controller.accounting.reset()
-    _generate_dense(handle, text.sequences[:, :text.prompt_tokens], new_tokens)  # the policy is active now
+    _generate_greedy(handle, text.sequences[:, :text.prompt_tokens], new_tokens)  # the policy is active now
     policy.calibration["ratio_in_generation"] = controller.accounting.ratio
     controller.accounting.reset()
     handle.history.append({"stage": "skip", "method": policy.mode, "policy": policy.model_dump(mode="json"),
