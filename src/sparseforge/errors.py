@@ -56,3 +56,7 @@ class StructureError(SparseforgeError):
 
 class SkipError(SparseforgeError):
     pass
+
+
+class FactorizeError(SparseforgeError):
+    pass
