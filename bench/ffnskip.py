@@ -72,14 +72,14 @@ def speed_prompt(handle, args):
     return ids[: args.speed_prompt].unsqueeze(0)
 
 
-def measure_speed(dense, skipped, args) -> dict:
+def measure_speed(dense, skipped, prompt, args) -> dict:
     from sparseforge.evaluation.speed import compare_speed
     from sparseforge.skip.cost import ideal_skip_speedup
 
     controller = skipped.skip
     controller.accounting.reset()
     measured = compare_speed({"dense": dense.model, "skip": skipped.model}, new_tokens=args.speed_new_tokens,
-                             repeats=args.repeats, prompt_ids=speed_prompt(dense, args))
+                             repeats=args.repeats, prompt_ids=prompt)
     accounting = controller.accounting.summary(controller.policy)
     context = args.speed_prompt + (args.speed_new_tokens + 1) / 2
     ideal = ideal_skip_speedup(skipped.adapter, controller.policy, accounting, context)
@@ -143,6 +143,7 @@ def main() -> None:
                           "reference": {"qa": metrics["qa"]}}
         save()
     reference = cells["dense"]["reference"]
+    prompt = speed_prompt(dense, args)  # the same real-text prompt for every ratio
     policies = {}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         name = f"adaptive {ratio:.2f}"
@@ -157,7 +158,7 @@ def main() -> None:
         policies[ratio] = policy
         metrics = quality(skipped, args, reference)
         cells[name] = {**summarise(metrics, reference), "policy": policy.model_dump(mode="json"),
-                       "speed": measure_speed(dense, skipped, args), "calibration_seconds": round(calibrated, 1),
+                       "speed": measure_speed(dense, skipped, prompt, args), "calibration_seconds": round(calibrated, 1),
                        "seconds": round(time.perf_counter() - start, 1)}
         save()
         print(name, json.dumps({k: v for k, v in cells[name].items() if k not in ("policy", "qa_predictions")}),

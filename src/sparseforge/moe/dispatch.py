@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import FactorizeError
 from ..models.adapters import ModelAdapter
 from ..models.adapters.base import LinearView, get_path
+from ..models.overrides import ForwardOverrides
 
 
 class ExpertDispatch:
@@ -40,36 +41,36 @@ class ExpertDispatch:
         self.topk = topk
         self.scale = experts / topk
         self.selection: torch.Tensor | None = None  # [tokens, k] expert ids of the current forward
-        self._overridden = []
+        self._groups: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (expert, tokens, slots), once per forward
+        self._overrides = ForwardOverrides()
         block = adapter.blocks()[layer]
         output_role = adapter.spec.ffn_output_role
         for position, (role, view) in enumerate(views.items()):
             module = get_path(block, adapter.spec.ffn_linears[role])
             method = self._output if role == output_role else self._input
-            module.forward = self._bind(method, view, first=position == 0)
-            self._overridden.append(module)
+            self._overrides.replace(module, self._bind(method, view, first=position == 0))
 
     @staticmethod
     def _bind(method, view: LinearView, first: bool):
-        return lambda x, *args, **kwargs: method(view, first, x)
+        return lambda original: lambda x, *args, **kwargs: method(view, first, x)
 
     def remove(self) -> None:
-        for module in self._overridden:
-            del module.forward
-        self._overridden = []
+        self._overrides.restore()
 
-    def _slots(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, slots) where ``expert`` was selected."""
-        return torch.nonzero(self.selection == expert, as_tuple=True)
+    def _route(self, flat: torch.Tensor) -> None:
+        """Top-k experts per token, and for each active expert the (tokens, slots) that chose it: computed once,
+        used by every projection of the FFN."""
+        self.selection = self.router(flat).topk(self.topk, dim=-1).indices
+        self._groups = [(expert, *torch.nonzero(self.selection == expert, as_tuple=True))
+                        for expert in self.selection.unique().tolist()]
 
     def _input(self, view: LinearView, first: bool, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if first:
-            self.selection = self.router(flat).topk(self.topk, dim=-1).indices
+            self._route(flat)
         size = self.partition.shape[1]
         out = flat.new_zeros(flat.shape[0], self.topk, size)
-        for expert in self.selection.unique().tolist():
-            tokens, slots = self._slots(expert)
+        for expert, tokens, slots in self._groups:
             rows = self.partition[expert].to(flat.device)
             computed = flat[tokens] @ view.weight[rows].t()
             if view.bias is not None:
@@ -81,8 +82,7 @@ class ExpertDispatch:
         size = self.partition.shape[1]
         flat = h.reshape(-1, self.topk, size)
         out = flat.new_zeros(flat.shape[0], view.out_features)
-        for expert in self.selection.unique().tolist():
-            tokens, slots = self._slots(expert)
+        for expert, tokens, slots in self._groups:
             columns = self.partition[expert].to(flat.device)
             out.index_add_(0, tokens, flat[tokens, slots] @ view.weight[:, columns].t())
         out = out * self.scale

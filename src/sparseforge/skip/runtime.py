@@ -28,6 +28,7 @@ import torch
 
 from ..errors import SkipError
 from ..models.adapters.base import get_path
+from ..models.overrides import ForwardOverrides
 from ..models.surgery import attention_heads
 from .policy import SkipPolicy
 
@@ -95,7 +96,7 @@ class SkipController:
         self.record_similarity = False  # calibration: measure every layer's similarity, skipped or not
         self._generator = torch.Generator().manual_seed(policy.seed)
         self._handles: list = []
-        self._overridden: list = []
+        self._overrides = ForwardOverrides()
         self._dense_prefix: int | None = None
         self._step = 0
         self._reset_forward(None, 0)
@@ -127,36 +128,34 @@ class SkipController:
         """Replace ``module.forward`` on the instance (the module tree and state dict stay as they are). A
         forward override rather than hooks: a skipped projection then costs one Python call, not a matmul on an
         empty batch plus gathers, which on a CPU cost a quarter of the FFN they were meant to save."""
-        original = module.forward
-        module.forward = lambda x, *args, **kwargs: method(original, out_features, x, *args, **kwargs)
-        self._overridden.append(module)
+        self._overrides.replace(module, lambda original: lambda x, *args, **kwargs: method(
+            original, out_features, x, *args, **kwargs))
 
     def remove(self) -> None:
         """Uninstall: the model computes densely again."""
         for handle in self._handles:
             handle.remove()
-        for module in self._overridden:
-            del module.forward
-        self._handles, self._overridden = [], []
+        self._overrides.restore()
+        self._handles = []
 
     def _override_attention(self, layer: int, attention) -> None:
         """Early exit: a token that exited writes zero keys and values here, so later tokens find holes."""
-        original = attention.forward
         _, kv_heads = attention_heads(self.adapter, layer)
         head_dim = self.adapter.head_geometry().head_dim
 
-        def forward(hidden_states, *args, **kwargs):
-            if self._governed is None:
-                return original(hidden_states, *args, **kwargs)
-            cache = kwargs.get("past_key_values")
-            if cache is not None and hasattr(cache, "update"):
-                batch, length = hidden_states.shape[:2]
-                hole = hidden_states.new_zeros(batch, kv_heads, length, head_dim)
-                cache.update(hole, hole, layer)
-            return torch.zeros_like(hidden_states), None
+        def make(original):
+            def forward(hidden_states, *args, **kwargs):
+                if self._governed is None:
+                    return original(hidden_states, *args, **kwargs)
+                cache = kwargs.get("past_key_values")
+                if cache is not None and hasattr(cache, "update"):
+                    batch, length = hidden_states.shape[:2]
+                    hole = hidden_states.new_zeros(batch, kv_heads, length, head_dim)
+                    cache.update(hole, hole, layer)
+                return torch.zeros_like(hidden_states), None
+            return forward
 
-        attention.forward = forward
-        self._overridden.append(attention)
+        self._overrides.replace(attention, make)
 
     # ---- per forward -------------------------------------------------------------------------------------------
     def _reset_forward(self, governed: torch.Tensor | None, rows: int) -> None:
