@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import sparseforge as sf
 from sparseforge.errors import SkipError
 from sparseforge.export.saving import save_model
+from sparseforge.models.cache import cache_of
 from sparseforge.models.handle import LoadedModel
 from sparseforge.models.loading import load_model
 from sparseforge.models.surgery import remove_sublayer
@@ -140,7 +141,7 @@ def test_early_exit_leaves_holes_in_the_kv_cache_and_cannot_score_text():
     prompt = handle.tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     out = handle.model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                                 pad_token_id=0)
-    cache = out.past_key_values
+    cache = cache_of(out)
     length = prompt.shape[1]
     for layer in range(LAYERS):
         keys = cache.layers[layer].keys

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..models.cache import cache_argument, cache_of
 from ..models.handle import LoadedModel
 from .runner import quiet_lm_eval
 
@@ -115,7 +116,7 @@ def _score_batch(model, batch, device):
         prefix_mask = (torch.arange(width)[None] < prefix_len[:, None]).long()
         out = model(input_ids=_pad([p for p, _ in batch], width).to(device), attention_mask=prefix_mask.to(device),
                     use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
     else:
         prefix_mask = torch.zeros(len(batch), 0, dtype=torch.long)
     # longest suffix first, so each chunk pads its suffixes only to similar lengths
@@ -132,7 +133,7 @@ def _score_batch(model, batch, device):
             part_cache = _select_rows(cache, owner.to(device))
         logits = model(input_ids=_pad([r.suffix for _, r in part], suffix_width).to(device),
                        attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=part_cache, use_cache=cache is not None).logits
+                       **cache_argument(model, part_cache), use_cache=cache is not None).logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         for row, (_, request) in enumerate(part):
             n = len(request.targets)

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..models.cache import cache_argument, cache_of
+
 
 def machine_description() -> dict:
     """What the numbers were measured on: CPU model and cores, memory, GPU (if any), torch build."""
@@ -60,13 +62,13 @@ def _prefill_seconds(model, ids: torch.Tensor) -> float:
 def _decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     """Greedy decoding of ``new_tokens`` after the prompt, with the KV cache; prompt time excluded."""
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = cache_of(out)
     token = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=token, **cache_argument(model, past), use_cache=True)
+        past = cache_of(out)
         token = out.logits[:, -1:].argmax(-1)
     _sync(ids.device)
     return time.perf_counter() - start

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache import cache_in
+
 
 class RemovedLinear(nn.Module):
     """A linear layer that was removed: returns zeros of its output width (width 0 for an FFN's input side)."""
@@ -36,7 +38,7 @@ class RemovedAttention(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         if cache is not None and hasattr(cache, "update"):
             batch, length = hidden_states.shape[:2]
             length_marker = hidden_states.new_zeros(batch, 1, length, 1)

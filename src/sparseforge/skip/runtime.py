@@ -28,6 +28,7 @@ import torch
 
 from ..errors import SkipError
 from ..models.adapters.base import get_path
+from ..models.cache import cache_in
 from ..models.overrides import ForwardOverrides
 from ..models.surgery import attention_heads
 from .policy import SkipPolicy
@@ -147,7 +148,7 @@ class SkipController:
             def forward(hidden_states, *args, **kwargs):
                 if self._governed is None:
                     return original(hidden_states, *args, **kwargs)
-                cache = kwargs.get("past_key_values")
+                cache = cache_in(kwargs)
                 if cache is not None and hasattr(cache, "update"):
                     batch, length = hidden_states.shape[:2]
                     hole = hidden_states.new_zeros(batch, kv_heads, length, head_dim)
@@ -189,7 +190,7 @@ class SkipController:
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
         batch, length = tokens.shape[:2]
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         governed = None
         if self._dense_prefix is not None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..cache import without_cache
 from ..removed import RemovedAttention, is_removed
 
 
@@ -279,7 +280,7 @@ class ModelAdapter:
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
             captured["hidden"] = hidden
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "layer_past")}
+            captured["kwargs"] = without_cache(kwargs)
             raise _Stop
 
         handle = self.blocks()[index].register_forward_pre_hook(hook, with_kwargs=True)
