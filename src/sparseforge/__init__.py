@@ -9,6 +9,7 @@ The Python API mirrors the command line::
     sf.shrink(dense, ffn=0.25, heads=0.25)          # physically smaller: FFN neurons and heads removed
     sf.finercut(dense, remove=0.25)                 # whole attention / FFN sub-layers removed, greedily
     sf.calibrate_skip(dense, target=0.25)           # FFN blocks skipped per token while decoding
+    sf.factorize(other, experts=4, topk=1)          # FFNs split into routed experts (FactorLLM), trained
     print(sf.generate(dense, "The capital of France is")["texts"])
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
@@ -26,6 +27,7 @@ from .models.loading import load_model  # noqa: E402
 from .prune.pruner import prune  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .retrain.recovery import retrain  # noqa: E402
+from .moe import factorize_model as factorize  # noqa: E402
 from .skip import calibrate_skip, generate  # noqa: E402
 from .structured import finercut, remove_blocks, shrink  # noqa: E402
 
@@ -65,6 +67,7 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
     return _run(load_recipe(recipe) if isinstance(recipe, str) else recipe, out_dir, overwrite, progress)
 
 
-__all__ = ["LoadedModel", "Recipe", "SparseforgeError", "calibrate_skip", "evaluate", "finercut", "generate",
+__all__ = ["LoadedModel", "Recipe", "SparseforgeError", "calibrate_skip", "evaluate", "factorize", "finercut",
+           "generate",
            "load_model", "load_recipe",
            "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

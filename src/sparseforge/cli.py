@@ -332,6 +332,50 @@ def skip_calibrate(
 
 
 @app.command()
+def factorize(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    experts: int = typer.Option(4, help="experts per FFN (a shared one included); must divide the FFN width"),
+    topk: int = typer.Option(1, help="routed experts run per token"),
+    partition: str = typer.Option("contiguous", help="which neurons form an expert: contiguous, random, kmeans"),
+    shared_expert: bool = typer.Option(False, "--shared-expert", help="one expert always runs, the router picks "
+                                                                      "topk of the others"),
+    router_steps: int = typer.Option(30, help="stage 1: router training steps (0: untrained routers)"),
+    expert_steps: int = typer.Option(10, help="stage 2: expert fine-tuning steps (0: dense weights kept)"),
+    router_lr: float = typer.Option(1e-2, help="stage 1 learning rate"),
+    expert_lr: float = typer.Option(1e-4, help="stage 2 learning rate"),
+    batch: int = typer.Option(4, help="training windows per step"),
+    train_seqlen: int = typer.Option(256, help="tokens per training window"),
+    pa_weight: float = typer.Option(0.05, help="Prior-Approximate loss weight (summed over layers)"),
+    balance_weight: float = typer.Option(0.01, help="load-balancing loss weight (summed over layers)"),
+    lm_weight: float = typer.Option(0.0, help="stage 1 LM loss weight (with --router-grad straight_through)"),
+    router_grad: str = typer.Option("pa_only", help="pa_only (hard top-k, the reference) or straight_through "
+                                                    "(the LM loss reaches the router)"),
+    data: str = typer.Option("default", help="training text: default, wikitext2, c4, or a .txt/.jsonl"),
+    seed: int = typer.Option(0, help="seed for partitions, routers and batches"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<E>e<K>k)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after"),
+    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted run instead of resuming"),
+) -> None:
+    """Split every FFN into routed experts (FactorLLM) and run only the top-k per token.
+
+    No weight changes in the split; routers learn from the dense FFN (Prior-Approximate loss), then the experts are
+    fine-tuned. The exported directory is a plain Hugging Face model plus its routers (experts.json,
+    experts.safetensors); sparseforge.load_model(DIR) and `sparseforge generate DIR` run it sparsely.
+    """
+    stage = {"factorize": {"experts": experts, "topk": topk, "partition": partition, "shared_expert": shared_expert,
+                           "router_steps": router_steps, "expert_steps": expert_steps, "router_lr": router_lr,
+                           "expert_lr": expert_lr, "batch": batch, "seqlen": train_seqlen, "pa_weight": pa_weight,
+                           "balance_weight": balance_weight, "lm_weight": lm_weight, "router_grad": router_grad}}
+    out_dir = out_dir or _run_directory(model, f"{experts}e{topk}k")
+    _structural_run(model, stage, {"calibration": data, "seed": seed}, ppl, eval_windows, speed, out_dir, None,
+                    device, overwrite, restart)
+
+
+@app.command()
 def generate(
     model: str = typer.Argument(..., help=MODEL_HELP + "; a directory saved with a skip policy uses it"),
     prompt: str = typer.Argument(..., help="text to continue"),

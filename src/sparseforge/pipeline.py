@@ -26,6 +26,7 @@ from .export.saving import save_model
 from .models.handle import LoadedModel
 from .models.loading import load_model
 from .prune.pruner import prune
+from .moe import check_factorize_request, factorize_model
 from .recipe import Recipe
 from .retrain.recovery import retrain
 from .skip import calibrate_skip
@@ -101,9 +102,15 @@ def _run_skip(handle: LoadedModel, config: BaseModel, context: StageContext) -> 
                    new_tokens=config.new_tokens, seed=data.seed, tolerance=config.tolerance, progress=context.progress)
 
 
+def _run_factorize(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    factorize_model(handle, data=data.calibration, seed=data.seed, checkpoint_dir=context.checkpoint_dir,
+                    progress=context.progress, **config.model_dump())
+
+
 STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
     "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut,
-    "skip": _run_skip}
+    "skip": _run_skip, "factorize": _run_factorize}
 
 
 def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
@@ -121,6 +128,8 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
             check_finercut_request(handle, config.remove, config.distance, config.exclude)
         elif stage.kind == "skip":
             check_skip_request(handle.adapter.num_blocks, config.target, config.cold_start, config.cold_end)
+        elif stage.kind == "factorize":
+            check_factorize_request(handle, config.experts, config.topk, config.partition, config.shared_expert)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:

@@ -17,6 +17,9 @@ from .dtypes import DTYPES
 from .errors import RecipeError, SparseforgeError
 from .evaluation.qa import DEFAULT_PROMPT, PROMPT_FORMATS
 from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
+from .moe.losses import DIRECTIONS
+from .moe.partition import PARTITIONS
+from .moe.routing import ROUTER_GRADS
 from .prune.methods import METHODS
 from .prune.pruner import ORDERS, REFINEMENTS, method_options
 from .retrain.lora import LORA_VARIANTS
@@ -191,6 +194,34 @@ class SkipStage(_Strict):
         return value
 
 
+class FactorizeStage(_Strict):
+    """Split every FFN into routed experts (FactorLLM), train the routers on the Prior-Approximate loss, then the
+    experts on the LM loss; evaluation and export then run sparsely. Training text and seed from ``data``."""
+
+    experts: int = Field(4, ge=1, description="experts per FFN (the shared one included); must divide the FFN width")
+    topk: int = Field(1, ge=1, description="routed experts run per token")
+    partition: Literal[PARTITIONS] = "contiguous"  # type: ignore[valid-type]
+    shared_expert: bool = Field(False, description="one expert always runs; the router picks among the others")
+    router_steps: int = Field(30, ge=0, description="stage 1 steps (0: untrained, random routers)")
+    expert_steps: int = Field(10, ge=0, description="stage 2 steps (0: experts keep the dense weights)")
+    router_lr: float = Field(1e-2, gt=0)
+    expert_lr: float = Field(1e-4, gt=0)
+    batch: int = Field(4, ge=1)
+    seqlen: int = Field(256, ge=2)
+    pa_weight: float = Field(0.05, ge=0, description="Prior-Approximate loss weight (summed over layers)")
+    balance_weight: float = Field(0.01, ge=0, description="load-balancing weight (summed over layers)")
+    lm_weight: float = Field(0.0, ge=0, description="LM loss weight in stage 1 (needs router_grad straight_through)")
+    router_grad: Literal[ROUTER_GRADS] = "pa_only"  # type: ignore[valid-type]
+    direction: Literal[DIRECTIONS] = "reverse_kl"  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _topk_fits(self) -> "FactorizeStage":
+        routed = self.experts - int(self.shared_expert)
+        if not 1 <= self.topk <= routed:
+            raise ValueError(f"topk must be between 1 and the number of routed experts ({routed}), got {self.topk}")
+        return self
+
+
 class StageEntry(_Strict):
     """Exactly one of the stage types."""
 
@@ -199,6 +230,7 @@ class StageEntry(_Strict):
     shrink: ShrinkStage | None = None
     finercut: FinerCutStage | None = None
     skip: SkipStage | None = None
+    factorize: FactorizeStage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StageEntry":
@@ -268,9 +300,9 @@ class Recipe(_Strict):
             if stage.kind in ("shrink", "finercut") and any(s.kind == "prune" for s in self.stages[:index]):
                 raise ValueError(f"stages.{index}: {stage.kind} removes whole neurons, heads or sub-layers from a "
                                  "dense model, so it must come before pruning")
-            if stage.kind == "skip" and index != len(self.stages) - 1:
-                raise ValueError(f"stages.{index}: skip is calibrated on the final weights, so it must be the last "
-                                 "stage")
+            if stage.kind in ("skip", "factorize") and index != len(self.stages) - 1:
+                raise ValueError(f"stages.{index}: {stage.kind} is calibrated on the final weights, so it must be "
+                                 "the last stage")
         return self
 
     def to_yaml(self) -> str:

@@ -20,6 +20,7 @@ STRUCTURE_PLOT = "structure.png"
 DIVERGENCE_PLOT = "finercut_divergence.png"
 STRUCTURAL_STAGES = ("shrink", "finercut")
 SKIP_PLOT = "skip_profile.png"
+EXPERTS_PLOT = "expert_usage.png"
 
 
 def peak_memory_mb() -> float:
@@ -67,6 +68,8 @@ def _loss_curves(stages: list[dict]) -> dict[str, list[float]]:
         if stage.get("stage") == "retrain":
             runs = stage.get("rounds") or [stage["training"]]
             curves[f"stage {index}: {stage['method']}"] = [loss for run in runs for loss in run["losses"]]
+        elif stage.get("stage") == "factorize":
+            curves.update({f"stage {index}: {part}": losses for part, losses in stage["losses"].items()})
     return {name: losses for name, losses in curves.items() if losses}
 
 
@@ -185,6 +188,31 @@ def _skip_lines(stage: dict, after: dict) -> list[str]:
     return lines
 
 
+def _experts_lines(stage: dict, after: dict) -> list[str]:
+    """A factorized model: its experts, the training budget and losses, the ideal speed-up, how balanced routing is."""
+    settings, training = stage["settings"], stage["settings"]["training"]
+    cost = stage["cost"]
+    lines = [f"- {settings['experts']} experts ({'1 shared + ' if settings['shared_expert'] else ''}top-"
+             f"{settings['topk']} routed), {settings['partition']} partition ({stage['seconds']:.1f} s)",
+             f"- training: {training['router_steps']} router steps (lr {training['router_lr']:g}) + "
+             f"{training['expert_steps']} expert steps (lr {training['expert_lr']:g}) x {training['batch']} x "
+             f"{training['seqlen']} tokens = {training['train_tokens']:,} tokens"]
+    for part, losses in stage["losses"].items():
+        if losses:
+            lines.append(f"- {part} loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    lines.append(f"- FFN multiply-accumulates per token: {cost['ffn_macs_per_token']['dense'] / 1e6:.1f}M dense -> "
+                 f"{cost['ffn_macs_per_token']['routed'] / 1e6:.1f}M routed; ideal speed-up prefill "
+                 f"{cost['prefill']:.2f}x, decode {cost['decode']:.2f}x (prompt {cost['prompt_tokens']}, "
+                 f"{cost['new_tokens']} new tokens)")
+    usage = after.get("experts")
+    if usage:
+        balance = [b for b in usage["balance"] if b is not None]
+        if balance:
+            lines.append(f"- routing balance over the evaluation (1 = even): mean {sum(balance) / len(balance):.2f}, "
+                         f"worst layer {min(balance):.2f}")
+    return lines
+
+
 def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
@@ -195,6 +223,10 @@ def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
         if stage.get("stage") == "skip":
             lines += ["", f"## Stage {index}: FFN skipping ({stage['method']})", ""] + _skip_lines(stage, after or {})
             lines += ["", f"![where FFNs are skipped]({SKIP_PLOT})"]
+            continue
+        if stage.get("stage") == "factorize":
+            lines += ["", f"## Stage {index}: factorized into experts ({stage['method']})", ""]
+            lines += _experts_lines(stage, after or {}) + ["", f"![expert usage per layer]({EXPERTS_PLOT})"]
             continue
         if stage.get("stage") in STRUCTURAL_STAGES:
             lines += ["", f"## Stage {index}: {stage['stage']} ({stage['method']})", ""] + _structure_lines(stage)
@@ -351,6 +383,15 @@ def _plot_skip(directory: Path, report: dict) -> None:
         plot_skip_profile(skips[-1]["policy"], rates, directory / SKIP_PLOT, report["model"]["source"])
 
 
+def _plot_experts(directory: Path, report: dict) -> None:
+    from ..moe.plots import plot_expert_usage
+
+    usage = (report["metrics"].get("after") or {}).get("experts")
+    if usage and usage["tokens"]:
+        plot_expert_usage(usage["per_layer"], directory / EXPERTS_PLOT, f"{report['model']['source']}: "
+                          f"{usage['settings']}")
+
+
 def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     directory = Path(directory)
     (directory / "report.json").write_text(json.dumps(report, indent=1))
@@ -364,4 +405,5 @@ def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
         plot_losses(curves, directory / LOSS_PLOT)
     _plot_structure(directory, report)
     _plot_skip(directory, report)
+    _plot_experts(directory, report)
     (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

@@ -47,6 +47,9 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
     """
     metrics: dict = {"sparsity": sparsity_summary(handle)["overall"], "parameters": parameter_counts(handle)}
     skip = _SkipRecorder(handle, metrics)
+    experts = getattr(handle, "experts", None)  # a factorized model: which experts the evaluation routed to
+    if experts is not None:
+        experts.reset_usage()
     if windows is not None:
         with skip.scoring("perplexity"):
             metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
@@ -62,6 +65,8 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
     if speed:
         with skip.counting("speed"):
             metrics["speed"] = measure_speed(handle.model, **(speed_options or {}))
+    if experts is not None:
+        metrics["experts"] = experts.usage_summary()
     return metrics
 
 

@@ -136,6 +136,10 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
             from ..skip.policy import save_policy
 
             save_policy(handle.skip.policy, tmp)
+        if handle.experts is not None:  # so do the routers of a factorized model
+            from ..moe.storage import save_experts
+
+            save_experts(handle, tmp)
     return description
 
 

@@ -27,6 +27,7 @@ class LoadedModel:
     history: list[dict] = field(default_factory=list)  # one report per stage applied (method, settings, events)
     adapter: ModelAdapter = field(init=False)
     skip: object | None = field(default=None, init=False, repr=False)  # installed FFN-skip policy (skip.runtime)
+    experts: object | None = field(default=None, init=False, repr=False)  # routers of a factorized model (moe.routing)
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)

@@ -169,8 +169,22 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
     check_finite(handle)
     handle.model.to(target_device)
     if spec != "default" and not spec.startswith("tiny-") and Path(spec).expanduser().is_dir():
-        _restore_skip_policy(handle, resolve_model_directory(Path(spec).expanduser()))
+        directory = resolve_model_directory(Path(spec).expanduser())
+        _restore_skip_policy(handle, directory)
+        _restore_experts(handle, directory)
     return handle
+
+
+def _restore_experts(handle: LoadedModel, directory: Path) -> None:
+    """A factorized model comes back with its routers (checked against the weights), so it runs sparsely."""
+    from ..moe.routing import EXPERTS_KEY
+    from ..moe.storage import SETTINGS_FILE, has_experts, load_experts
+
+    if has_experts(directory):
+        load_experts(handle, directory)
+    elif getattr(handle.model.config, EXPERTS_KEY, None):
+        raise CorruptCheckpointError(f"{directory} is a factorized model but its router files ({SETTINGS_FILE}) are "
+                                     "missing; transformers alone loads it as the dense model")
 
 
 def _restore_skip_policy(handle: LoadedModel, directory: Path) -> None:

@@ -1,10 +1,19 @@
-"""Dense FFNs factorized into routed experts (FactorLLM). So far: partitions of the FFN neurons into experts and
-routed execution with sparse dispatch, and the router objectives (Prior-Approximate and balance losses); the
-training stages, export and the CLI come next."""
+"""Dense FFNs factorized into routed experts (FactorLLM), with real sparse dispatch.
 
-from .dispatch import ExpertDispatch
+``factorize`` splits every FFN into experts (neurons reordered, no weight changed) and installs untrained routers;
+``train_factorized`` runs the two training stages (routers on the Prior-Approximate loss, then experts on the LM
+loss); ``factorize_model`` (``sparseforge.factorize``) does both. Routers are saved next to the weights and
+restored by ``sparseforge.load_model``.
+"""
+
+from .api import factorize_model
+from .dispatch import ExpertDispatch, ExpertLayout
+from .factorize import check_factorize_request, factorize, unfactorize
 from .losses import balance_loss, pa_labels, pa_loss
 from .partition import PARTITIONS, neuron_features, partition_neurons
+from .routing import ExpertRouting, ExpertSettings
+from .train import train_experts, train_factorized, train_routers
 
-__all__ = ["PARTITIONS", "ExpertDispatch", "balance_loss", "neuron_features", "pa_labels", "pa_loss",
-           "partition_neurons"]
+__all__ = ["PARTITIONS", "ExpertDispatch", "ExpertLayout", "ExpertRouting", "ExpertSettings", "balance_loss",
+           "check_factorize_request", "factorize", "factorize_model", "neuron_features", "pa_labels", "pa_loss",
+           "partition_neurons", "train_experts", "train_factorized", "train_routers", "unfactorize"]

@@ -27,9 +27,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SkipError
+from ..models.fingerprint import model_fingerprint
 from ..models.handle import LoadedModel
 from ..prune.pruner import calibration_data
-from .policy import SkipPolicy, max_adaptive_ratio, model_fingerprint
+from .policy import SkipPolicy, max_adaptive_ratio
 from .runtime import SkipController, install_policy, uninstall_policy
 
 K_CANDIDATES = (1, 2, 4)

@@ -22,12 +22,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..atomic import atomic_write_text
 from ..errors import SkipError
-from ..prune.sequential import digest
+from ..models.fingerprint import fingerprint_differences
 
 POLICY_FILE = "skip_policy.json"
 MODES = ("adaptive", "static", "random", "early_exit")
@@ -86,25 +85,9 @@ def max_adaptive_ratio(num_layers: int, cold_start: int, cold_end: int) -> float
     return max(eligible - 1, 0) / num_layers
 
 
-def model_fingerprint(adapter) -> dict:
-    """Architecture and a hash of the FFN output weights: equal for the same model, different for another one
-    (a fine-tuned or pruned variant included), cheap to compute on load. The sampled weights are rounded to
-    bfloat16 first, so the same model loaded in float32 or bfloat16 has the same fingerprint."""
-    samples = []
-    for index in range(adapter.num_blocks):
-        linears = adapter.ffn(index).linears
-        if linears:
-            samples.append(linears[adapter.spec.ffn_output_role].weight.detach().flatten()[:256].to(torch.bfloat16))
-    return {"model_type": adapter.config.model_type, "num_layers": adapter.num_blocks,
-            "hidden_size": int(adapter.embed_tokens().weight.shape[1]), "weights": digest(samples)}
-
-
 def check_fingerprint(policy: SkipPolicy, adapter, origin: str) -> None:
-    if not policy.model:
-        return
-    actual = model_fingerprint(adapter)
-    if policy.model != actual:
-        differing = [key for key in actual if policy.model.get(key) != actual[key]]
+    differing = fingerprint_differences(policy.model, adapter)
+    if differing:
         raise SkipError(f"{origin} was calibrated for a different model ({', '.join(differing)} differ): "
                         "calibrate it again for this one")
 
