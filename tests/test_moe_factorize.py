@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparseforge as sf
-from sparseforge.errors import CorruptCheckpointError, FactorizeError
+from sparseforge.errors import CorruptCheckpointError, FactorizeError, SkipError, StructureError
 from sparseforge.export.saving import save_model
 from sparseforge.models.loading import load_model
 from sparseforge.models.surgery import keep_ffn_neurons, remove_sublayer
@@ -170,6 +170,15 @@ def test_factorizing_a_factorized_shrunk_skipping_or_ffn_less_model_is_refused(t
         factorize(removed, experts=4, topk=1)
 
 
+def test_shrinking_or_skipping_a_factorized_model_is_refused():
+    handle = load_model("tiny-llama")
+    factorize(handle, experts=4, topk=1)
+    with pytest.raises(StructureError, match="factorized into experts"):
+        sf.shrink(handle, ffn=0.25, score="magnitude", progress=False)
+    with pytest.raises(SkipError, match="factorized into experts"):
+        install_policy(handle, SkipPolicy(threshold=1.01, cold_start=0, cold_end=0))
+
+
 def test_cost_counts_k_of_n_experts_plus_the_router(tiny_llama):
     dense = ffn_macs_per_token(tiny_llama.adapter)
     assert dense == 2 * 3 * 64 * 128
@@ -193,7 +202,7 @@ def test_cli_factorize_then_generate_and_eval(capsys, monkeypatch, tmp_path):
     assert (tmp_path / "run" / "expert_usage.png").exists() and (tmp_path / "run" / "retrain_loss.png").exists()
     assert "factorized into experts (factorllm)" in (tmp_path / "run" / "report.md").read_text()
     code, out, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "run", "hello", "--max-new-tokens", "4")
-    assert code == 0 and out.startswith("hello")
+    assert code == 0 and out.startswith("hello") and "1 of 4 routed experts ran per token" in err
     code, _, err = run_cli(capsys, monkeypatch, "factorize", tmp_path / "run", "--experts", "2",
                            "--eval-windows", "2", "--out", tmp_path / "again")
     assert_clean_failure(code, err, "factorized into experts already")

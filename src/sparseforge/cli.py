@@ -377,7 +377,7 @@ def factorize(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help=MODEL_HELP + "; a directory saved with a skip policy uses it"),
+    model: str = typer.Argument(..., help=MODEL_HELP + "; a directory saved with a skip policy or experts uses them"),
     prompt: str = typer.Argument(..., help="text to continue"),
     max_new_tokens: int = typer.Option(64, help="tokens to generate"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
@@ -388,7 +388,8 @@ def generate(
     no_skip: bool = typer.Option(False, "--no-skip", help="ignore the saved skip policy: the full model"),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
-    """Generate text with the KV cache, skipping FFN blocks as the model's skip policy decides."""
+    """Generate text with the KV cache, skipping FFN blocks as the model's skip policy decides (or running only the
+    routed experts of a factorized model)."""
     from .models.loading import load_model
     from .skip import generate as skip_generate
     from .skip import install_policy, read_policy, uninstall_policy
@@ -405,7 +406,10 @@ def generate(
                            temperature=temperature, top_p=top_p, seed=seed)
     out.print(prompt + result["texts"][0], highlight=False, markup=False)
     summary = result["skip"]
-    if summary is None:
+    if handle.experts is not None:
+        _log(f"{handle.experts.settings.describe()}: {handle.experts.settings.topk} of "
+             f"{handle.experts.layout.routed} routed experts ran per token in every FFN")
+    elif summary is None:
         _log("no skip policy: every FFN block ran")
     else:
         _log(f"{handle.skip.policy.describe()}: skipped {summary['ratio']:.1%} of FFN blocks over "

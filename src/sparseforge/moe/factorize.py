@@ -84,11 +84,14 @@ def _permute_masks(handle: LoadedModel, layer: int, order: torch.Tensor) -> None
                 handle.masks[view.name].device))
 
 
-def make_routers(hidden: int, routed: int, layers: int, like: torch.Tensor, seed: int) -> nn.ModuleList:
-    """One linear router (with bias) per layer; weights ~ N(0, 0.02), bias 0 (the reference initialisation)."""
+def make_routers(adapter, routed: int, seed: int) -> nn.ModuleList:
+    """One linear router (with bias) per layer, on that layer's device and in its dtype; weights ~ N(0, 0.02),
+    bias 0 (the reference initialisation)."""
+    hidden = adapter.embed_tokens().weight.shape[1]
     generator = torch.Generator().manual_seed(seed)
     routers = nn.ModuleList()
-    for _ in range(layers):
+    for layer in range(adapter.num_blocks):
+        like = adapter.ffn(layer).linears[adapter.spec.ffn_output_role].weight
         router = nn.Linear(hidden, routed, bias=True)
         with torch.no_grad():
             router.weight.copy_(torch.randn(routed, hidden, generator=generator) * 0.02)
@@ -125,8 +128,7 @@ def factorize(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: s
         keep_ffn_neurons(adapter, layer, order)
         _permute_masks(handle, layer, order)
         partitions.append(groups)
-    hidden = adapter.embed_tokens().weight.shape[1]
-    routers = make_routers(hidden, settings.routed, adapter.num_blocks, adapter.embed_tokens().weight, seed)
+    routers = make_routers(adapter, settings.routed, seed)
     return install_experts(handle, settings, routers, partitions)
 
 

@@ -62,9 +62,7 @@ def load_experts(handle: LoadedModel, directory: str | Path) -> None:
                              " differ): factorize this model again")
     tensors = load_tensors(directory / ROUTERS_FILE)
     adapter = handle.adapter
-    hidden = adapter.embed_tokens().weight.shape[1]
-    like = adapter.embed_tokens().weight
-    routers = make_routers(hidden, settings.routed, adapter.num_blocks, like, settings.seed)
+    routers = make_routers(adapter, settings.routed, settings.seed)
     partitions = []
     for layer, router in enumerate(routers):
         try:

@@ -360,6 +360,9 @@ def _cosine_one(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def install_policy(handle, policy: SkipPolicy) -> SkipController:
     """Install ``policy`` on ``handle`` (replacing any installed one); ``handle.skip`` is the controller."""
+    if getattr(handle, "experts", None) is not None:
+        raise SkipError("this model is factorized into experts; expert dispatch and FFN skipping both take over the "
+                        "FFN, so use one or the other")
     uninstall_policy(handle)
     controller = SkipController(handle, policy)
     handle.skip = controller
