@@ -22,7 +22,7 @@ def _logits(handle, ids=IDS):
 def test_factorizing_with_every_expert_active_reproduces_the_dense_model_for_every_family(tiny, rule):
     tiny.model.double()
     dense = _logits(tiny)
-    factorize(tiny, experts=4, topk=4, partition=rule)
+    factorize(tiny, experts=4, topk=4, partition=rule, calibration=IDS)
     torch.testing.assert_close(_logits(tiny), dense, rtol=0, atol=1e-10)
     unfactorize(tiny)  # neurons stay reordered: still the same function
     torch.testing.assert_close(_logits(tiny), dense, rtol=0, atol=1e-10)

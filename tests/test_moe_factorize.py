@@ -83,8 +83,23 @@ def test_masks_are_permuted_with_the_neurons(tiny_llama):
         assert int(mask.sum()) == kept[view.name] and not view.weight[~mask].any()
 
 
+def test_coactivation_groups_neurons_that_fire_together(tiny_llama):
+    """Against contiguous experts, co-activation clustering concentrates each token's activation mass in fewer
+    experts (what lets a router pick few of them)."""
+    from sparseforge.moe.partition import activation_features
+
+    activations = activation_features(tiny_llama, WINDOWS[:8])[0]  # [width, tokens]
+
+    def top_expert_mass(groups):
+        per_expert = torch.stack([activations[g].sum(0) for g in groups])  # [experts, tokens]
+        return (per_expert.max(0).values / per_expert.sum(0)).mean()
+
+    coactivation = factorize(load_model("tiny-llama"), 4, 1, "coactivation", calibration=WINDOWS[:8]).partitions[0]
+    assert top_expert_mass(coactivation) > top_expert_mass(torch.arange(128).reshape(4, 32))
+
+
 def test_factorize_model_records_the_budget_and_round_trips_through_save_and_load(tiny_llama, tmp_path):
-    routing = factorize_model(tiny_llama, experts=4, topk=2, partition="kmeans", router_steps=3, expert_steps=2,
+    routing = factorize_model(tiny_llama, experts=4, topk=2, partition="coactivation", router_steps=3, expert_steps=2,
                               batch=2, seqlen=24, data=WINDOWS, progress=False)
     record = tiny_llama.history[-1]
     assert record["stage"] == "factorize" and len(record["losses"]["routers"]) == 3
@@ -141,6 +156,7 @@ def test_router_checkpoints_that_do_not_match_are_refused(tiny_llama, tmp_path):
     ({"experts": 4, "topk": 5}, "between 1 and the number of routed experts"),
     ({"experts": 4, "topk": 4, "shared_expert": True}, "between 1 and the number of routed experts \\(3\\)"),
     ({"experts": 4, "partition": "spectral"}, "unknown partition 'spectral'"),
+    ({"experts": 4, "partition": "coactivation"}, "give calibration tokens"),
 ])
 def test_bad_requests_are_refused(tiny_llama, kwargs, message):
     with pytest.raises(FactorizeError, match=message):

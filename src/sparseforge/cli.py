@@ -336,7 +336,8 @@ def factorize(
     model: str = typer.Argument(..., help=MODEL_HELP),
     experts: int = typer.Option(4, help="experts per FFN (a shared one included); must divide the FFN width"),
     topk: int = typer.Option(1, help="routed experts run per token"),
-    partition: str = typer.Option("contiguous", help="which neurons form an expert: contiguous, random, kmeans"),
+    partition: str = typer.Option("contiguous", help="which neurons form an expert: contiguous, random, kmeans "
+                                                             "(weights), coactivation (activations on the data)"),
     shared_expert: bool = typer.Option(False, "--shared-expert", help="one expert always runs, the router picks "
                                                                       "topk of the others"),
     router_steps: int = typer.Option(30, help="stage 1: router training steps (0: untrained routers)"),

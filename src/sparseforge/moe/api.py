@@ -10,13 +10,16 @@ import time
 import torch
 
 from ..models.handle import LoadedModel
+from ..retrain.data import training_windows
 from ..retrain.trainer import TrainConfig
 from .cost import ideal_expert_speedups
 from .factorize import check_factorize_request, factorize
+from .partition import DATA_PARTITIONS
 from .routing import ExpertRouting
 from .train import train_factorized
 
 COST_PROMPT, COST_NEW_TOKENS = 128, 32  # the speed harness's defaults, for the ideal speed-up in the report
+CALIBRATION_WINDOWS = 8  # training windows whose activations the coactivation partition clusters
 
 
 def factorize_model(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: str = "contiguous",
@@ -29,7 +32,10 @@ def factorize_model(handle: LoadedModel, experts: int = 4, topk: int = 1, partit
     ``expert_steps=0`` leaves the experts as the dense weights."""
     check_factorize_request(handle, experts, topk, partition, shared_expert)
     started = time.perf_counter()
-    routing = factorize(handle, experts, topk, partition, shared_expert, seed)
+    calibration = None
+    if partition in DATA_PARTITIONS:  # a few training windows are enough to see which neurons fire together
+        calibration = training_windows(handle, data, seqlen)[:CALIBRATION_WINDOWS]
+    routing = factorize(handle, experts, topk, partition, shared_expert, seed, calibration)
 
     def config(steps: int, lr: float) -> TrainConfig | None:
         return TrainConfig(steps=steps, lr=lr, batch=batch, seqlen=seqlen, seed=seed) if steps else None

@@ -19,7 +19,8 @@ from ..errors import FactorizeError
 from ..models.handle import LoadedModel
 from ..models.structure import structure_of
 from ..models.surgery import ffn_width, keep_ffn_neurons
-from .partition import PARTITIONS, check_experts, neuron_features, partition_neurons
+from .partition import DATA_PARTITIONS, PARTITIONS, activation_features, check_experts, neuron_features, \
+    partition_neurons
 from .routing import EXPERTS_KEY, ExpertRouting, ExpertSettings
 
 
@@ -112,8 +113,10 @@ def install_experts(handle: LoadedModel, settings: ExpertSettings, routers: nn.M
 
 
 def factorize(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: str = "contiguous",
-              shared_expert: bool = False, seed: int = 0) -> ExpertRouting:
+              shared_expert: bool = False, seed: int = 0, calibration: torch.Tensor | None = None) -> ExpertRouting:
     """Split every FFN of ``handle`` into ``experts`` experts and route ``topk`` per token (untrained routers).
+
+    ``calibration`` ([n, seqlen] token ids) is what ``partition="coactivation"`` clusters neurons on.
 
     The returned routing is installed: the model now runs sparsely. Train the routers and experts with
     :func:`sparseforge.moe.train.train_factorized` (or use :func:`sparseforge.factorize`, which does all of it).
@@ -121,9 +124,16 @@ def factorize(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: s
     check_factorize_request(handle, experts, topk, partition, shared_expert)
     settings = ExpertSettings(experts=experts, topk=topk, partition=partition, shared_expert=shared_expert, seed=seed)
     adapter = handle.adapter
+    activations = None
+    if partition in DATA_PARTITIONS:
+        if calibration is None or calibration.numel() == 0:
+            raise FactorizeError(f"partition '{partition}' clusters neurons by their activations: give calibration "
+                                 "tokens")
+        activations = activation_features(handle, calibration)
     partitions = []
     for layer in range(adapter.num_blocks):
-        groups = _order(neuron_features(adapter, layer), settings, _neuron_norms(handle, layer))
+        features = activations[layer] if activations is not None else neuron_features(adapter, layer)
+        groups = _order(features, settings, _neuron_norms(handle, layer))
         order = groups.flatten()
         keep_ffn_neurons(adapter, layer, order)
         _permute_masks(handle, layer, order)

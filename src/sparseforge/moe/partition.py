@@ -8,7 +8,10 @@ and so how well a router can pick a few experts per token:
 * ``random``: a seeded random permutation (the paper's text: "permute and partition");
 * ``kmeans``: balanced k-means on each neuron's normalised weight vectors (its rows of the input projections and
   its column of the output projection), neurons with similar weights in one expert (MoEfication's parameter
-  clustering; the reference code has this only commented out).
+  clustering; the reference code has this only commented out);
+* ``coactivation``: balanced k-means on each neuron's activation magnitudes over calibration tokens, so neurons
+  that fire for the same tokens share an expert and a token needs few experts (MoEfication found this better than
+  parameter clustering). Needs calibration text.
 
 Experts are equal in size: a width that the number of experts does not divide is refused with the nearest
 divisors named, because equal experts keep one stacked weight tensor per projection and batched dispatch simple.
@@ -21,7 +24,8 @@ import torch
 from ..errors import FactorizeError
 from ..models.adapters import ModelAdapter
 
-PARTITIONS = ("contiguous", "random", "kmeans")
+PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
+DATA_PARTITIONS = ("coactivation",)  # rules that read calibration text
 
 
 def check_experts(width: int, experts: int) -> int:
@@ -48,6 +52,28 @@ def neuron_features(adapter: ModelAdapter, layer: int) -> torch.Tensor:
     return torch.cat([torch.nn.functional.normalize(p, dim=1) for p in parts], dim=1)
 
 
+@torch.no_grad()
+def activation_features(handle, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, [width, tokens]: each intermediate neuron's |activation| (the output projection's input) on the
+    calibration tokens ``ids`` ([n, seqlen])."""
+    adapter = handle.adapter
+    captured: list[list[torch.Tensor]] = [[] for _ in range(adapter.num_blocks)]
+    hooks = []
+    for layer in range(adapter.num_blocks):
+        module = adapter.ffn(layer).linears[adapter.spec.ffn_output_role].module
+        hooks.append(module.register_forward_pre_hook(
+            lambda module, args, layer=layer: captured[layer].append(args[0].reshape(-1, args[0].shape[-1]).abs()
+                                                                     .float().cpu())))
+    device = next(handle.model.parameters()).device
+    try:
+        for row in ids:
+            handle.model(input_ids=row[None].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(parts).t().contiguous() for parts in captured]
+
+
 def partition_neurons(features: torch.Tensor, experts: int, rule: str = "contiguous", seed: int = 0) -> torch.Tensor:
     """[experts, size] neuron indices, each expert's sorted; every neuron in exactly one expert."""
     if rule not in PARTITIONS:
@@ -59,7 +85,7 @@ def partition_neurons(features: torch.Tensor, experts: int, rule: str = "contigu
     if rule == "random":
         order = torch.randperm(width, generator=torch.Generator().manual_seed(seed))
         return order.reshape(experts, size).sort(dim=1).values
-    return _balanced_kmeans(features, experts, size, seed)
+    return _balanced_kmeans(features, experts, size, seed)  # kmeans (weights) and coactivation (activations)
 
 
 def _balanced_kmeans(features: torch.Tensor, experts: int, size: int, seed: int) -> torch.Tensor:
