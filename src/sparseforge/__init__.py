@@ -24,10 +24,10 @@ from .errors import SparseforgeError  # noqa: E402
 from .export.saving import save_model  # noqa: E402
 from .models.handle import LoadedModel  # noqa: E402
 from .models.loading import load_model  # noqa: E402
+from .moe import factorize_model as factorize  # noqa: E402
 from .prune.pruner import prune  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .retrain.recovery import retrain  # noqa: E402
-from .moe import factorize_model as factorize  # noqa: E402
 from .skip import calibrate_skip, generate  # noqa: E402
 from .structured import finercut, remove_blocks, shrink  # noqa: E402
 
