@@ -52,6 +52,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "factorize"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     return parser.parse_args()
 
 
@@ -144,6 +145,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    if args.render_only:
+        (out / "results.md").write_text(render(results))
+        return
     budget = {"router_steps": args.router_steps, "expert_steps": args.expert_steps, "router_lr": args.router_lr,
               "expert_lr": args.expert_lr, "batch": args.batch, "seqlen": args.seqlen,
               "train_tokens": (args.router_steps + args.expert_steps) * args.batch * args.seqlen}
@@ -190,17 +194,36 @@ def main() -> None:
     print(render(results))
 
 
+# chance accuracy of each zero-shot task (ARC-Easy: nearly all items have 4 choices; PIQA, WinoGrande: 2)
+CHANCE = {"arc_easy": 0.25, "piqa": 0.5, "winogrande": 0.5, "arc_challenge": 0.25, "hellaswag": 0.25,
+          "boolq": 0.5, "openbookqa": 0.25}
+
+
 def _pct(value, dense) -> str:
     return f"{100 * value / dense:.0f}%" if value is not None and dense else "–"
+
+
+def informative_tasks(dense: dict, margin: float = 0.05) -> list[str]:
+    """Tasks the dense model answers clearly above chance (at 135M WinoGrande is at chance: nothing to keep)."""
+    return [t for t, acc in dense["zero_shot"].items() if acc - CHANCE[t] >= margin]
+
+
+def above_chance(cell: dict, dense: dict) -> float:
+    """Share of the dense model's margin over chance that the cell keeps, averaged over the informative tasks
+    (0 = chance level, 1 = the dense model's accuracy): '% of dense accuracy' counts guessing as performance."""
+    tasks = informative_tasks(dense)
+    shares = [(cell["zero_shot"][t] - CHANCE[t]) / (dense["zero_shot"][t] - CHANCE[t]) for t in tasks]
+    return sum(shares) / len(shares)
 
 
 def render(results: dict) -> str:
     cells, setup = results["cells"], results["setup"]
     dense = cells["dense"]
-    header = ["cell", "router", "train s", "perplexity", "zero-shot avg", "% of dense", "TriviaQA EM", "% of dense",
+    header = ["cell", "router", "train s", "perplexity", "zero-shot avg", "% of dense", "above-chance kept",
+              "TriviaQA EM", "% of dense",
               "agreement", "FFN MMACs/token", "ideal decode", "decode", "decode / ideal", "static same width",
               "decode / static", "prefill", "ideal prefill", "balance"]
-    rows = [["dense", "–", "–", f"{dense['perplexity']:.2f}", f"{dense['zero_shot_avg']:.3f}", "100%",
+    rows = [["dense", "–", "–", f"{dense['perplexity']:.2f}", f"{dense['zero_shot_avg']:.3f}", "100%", "100%",
              f"{dense['triviaqa_em']:.2f}", "100%", "–", "–", "–", "–", "–", "–", "–", "–", "–", "–"]]
     for name, cell in cells.items():
         if name == "dense":
@@ -209,6 +232,7 @@ def render(results: dict) -> str:
         balance = [b for b in cell["usage"]["balance"] if b is not None]
         rows.append([name, cell["cell"]["router"], f"{cell['train_seconds']:.0f}", f"{cell['perplexity']:.1f}",
                      f"{cell['zero_shot_avg']:.3f}", _pct(cell["zero_shot_avg"], dense["zero_shot_avg"]),
+                     f"{100 * above_chance(cell, dense):.0f}%",
                      f"{cell['triviaqa_em']:.2f}", _pct(cell["triviaqa_em"], dense["triviaqa_em"]),
                      f"{cell['triviaqa_agreement']:.2f}",
                      f"{cell['cost']['ffn_macs_per_token']['routed'] / 1e6:.1f} / "
@@ -223,7 +247,12 @@ def render(results: dict) -> str:
                      f"{sum(balance) / len(balance):.2f}"])
     return "\n".join(["# FactorLLM: factorized FFNs with sparse dispatch", "",
                       f"Setup: `{json.dumps(setup)}`", "",
-                      "Zero-shot: mean accuracy over the tasks; TriviaQA: exact match and agreement with the dense "
+                      "Zero-shot: mean accuracy over the tasks; 'above-chance kept': the share of the dense model's "
+                      "margin over chance accuracy that is kept, averaged over the tasks where the dense model is at "
+                      f"least 0.05 above chance ({', '.join(informative_tasks(dense))}); chance over all tasks is "
+                      f"{sum(CHANCE[t] for t in dense['zero_shot']) / len(dense['zero_shot']):.3f} on average, "
+                      f"{100 * sum(CHANCE[t] for t in dense['zero_shot']) / len(dense['zero_shot']) / dense['zero_shot_avg']:.0f}% "
+                      "of dense, so '% of dense' alone flatters a broken model). TriviaQA: exact match and agreement with the dense "
                       "model's answers. Speed: batch 1, alternated with the dense model in one process; 'static same "
                       "width' is a model with every FFN cut to the routed model's active width (no router), the "
                       "speed the rest of the model allows. Balance: 1 = tokens spread evenly over experts.", "",
