@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparseforge as sf
+from sparseforge.evaluation.macs import macs_per_token
 from sparseforge.errors import CorruptCheckpointError, FactorizeError, SkipError, StructureError
 from sparseforge.export.saving import save_model
 from sparseforge.models.loading import load_model
@@ -201,7 +202,10 @@ def test_cost_counts_k_of_n_experts_plus_the_router(tiny_llama):
     routing = factorize(tiny_llama, experts=4, topk=1, shared_expert=True)
     assert ffn_macs_per_token(tiny_llama.adapter, routing) == 2 * (3 * 64 * 128 * 2 / 4 + 64 * 3)
     ideal = ideal_expert_speedups(tiny_llama.adapter, routing, 8, 4)
-    assert 1 < ideal["decode"] < 2 and 1 < ideal["prefill"] < 2
+    saved = dense - ffn_macs_per_token(tiny_llama.adapter, routing)
+    decode = macs_per_token(tiny_llama.adapter, 8 + 5 / 2)  # context: the prompt plus half the new tokens
+    assert ideal["decode"] == pytest.approx(decode / (decode - saved))
+    assert ideal["decode_macs_per_token"]["dense"] - ideal["decode_macs_per_token"]["routed"] == pytest.approx(saved)
 
 
 def test_cli_factorize_then_generate_and_eval(capsys, monkeypatch, tmp_path):

@@ -343,7 +343,7 @@ def factorize(
     router_steps: int = typer.Option(30, help="stage 1: router training steps (0: untrained routers)"),
     expert_steps: int = typer.Option(10, help="stage 2: expert fine-tuning steps (0: dense weights kept)"),
     router_lr: float = typer.Option(1e-2, help="stage 1 learning rate"),
-    expert_lr: float = typer.Option(1e-4, help="stage 2 learning rate"),
+    expert_lr: float = typer.Option(1e-3, help="stage 2 learning rate"),
     batch: int = typer.Option(4, help="training windows per step"),
     train_seqlen: int = typer.Option(256, help="tokens per training window"),
     pa_weight: float = typer.Option(0.05, help="Prior-Approximate loss weight (summed over layers)"),

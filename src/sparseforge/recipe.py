@@ -205,7 +205,7 @@ class FactorizeStage(_Strict):
     router_steps: int = Field(30, ge=0, description="stage 1 steps (0: untrained, random routers)")
     expert_steps: int = Field(10, ge=0, description="stage 2 steps (0: experts keep the dense weights)")
     router_lr: float = Field(1e-2, gt=0)
-    expert_lr: float = Field(1e-4, gt=0)
+    expert_lr: float = Field(1e-3, gt=0)
     batch: int = Field(4, ge=1)
     seqlen: int = Field(256, ge=2)
     pa_weight: float = Field(0.05, ge=0, description="Prior-Approximate loss weight (summed over layers)")

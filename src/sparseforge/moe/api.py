@@ -24,7 +24,7 @@ CALIBRATION_WINDOWS = 8  # training windows whose activations the coactivation p
 
 def factorize_model(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: str = "contiguous",
                     shared_expert: bool = False, router_steps: int = 30, expert_steps: int = 10,
-                    router_lr: float = 1e-2, expert_lr: float = 1e-4, batch: int = 4, seqlen: int = 256,
+                    router_lr: float = 1e-2, expert_lr: float = 1e-3, batch: int = 4, seqlen: int = 256,
                     pa_weight: float = 0.05, balance_weight: float = 0.01, lm_weight: float = 0.0,
                     router_grad: str = "pa_only", direction: str = "reverse_kl", data: str | torch.Tensor = "default",
                     seed: int = 0, checkpoint_dir=None, progress: bool = True) -> ExpertRouting:
@@ -32,15 +32,17 @@ def factorize_model(handle: LoadedModel, experts: int = 4, topk: int = 1, partit
     ``expert_steps=0`` leaves the experts as the dense weights."""
     check_factorize_request(handle, experts, topk, partition, shared_expert)
     started = time.perf_counter()
-    calibration = None
+    windows = calibration = None
+    if partition in DATA_PARTITIONS or router_steps or expert_steps:  # tokenised once, for every use
+        windows = training_windows(handle, data, seqlen)
     if partition in DATA_PARTITIONS:  # a few training windows are enough to see which neurons fire together
-        calibration = training_windows(handle, data, seqlen)[:CALIBRATION_WINDOWS]
+        calibration = windows[:CALIBRATION_WINDOWS]
     routing = factorize(handle, experts, topk, partition, shared_expert, seed, calibration)
 
     def config(steps: int, lr: float) -> TrainConfig | None:
         return TrainConfig(steps=steps, lr=lr, batch=batch, seqlen=seqlen, seed=seed) if steps else None
 
-    training = train_factorized(handle, config(router_steps, router_lr), config(expert_steps, expert_lr), data,
+    training = train_factorized(handle, config(router_steps, router_lr), config(expert_steps, expert_lr), windows,
                                 checkpoint_dir, progress, pa_weight=pa_weight, balance_weight=balance_weight,
                                 lm_weight=lm_weight, router_grad=router_grad, direction=direction)
     budget = {"router_steps": router_steps, "expert_steps": expert_steps, "router_lr": router_lr,
