@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
@@ -18,6 +20,16 @@ def print_setup(**settings) -> dict:
              "python": sys.version.split()[0], "machine": platform.machine(), "processor": platform.processor()}
     print("setup: " + json.dumps(setup))
     return setup
+
+
+def cached_results(out: str | Path) -> tuple[dict, Callable[[], None]]:
+    """``out/results.json`` as it stands (cells finished by an earlier, interrupted run) and a function that saves
+    it, so a long benchmark resumes where it stopped."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+    return results, lambda: path.write_text(json.dumps(results, indent=1))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

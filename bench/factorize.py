@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import markdown_table, print_setup  # noqa: E402
+from _common import cached_results, markdown_table, print_setup  # noqa: E402
 
 
 def arguments() -> argparse.Namespace:
@@ -142,9 +142,7 @@ def main() -> None:
     from sparseforge.moe.plots import plot_expert_usage
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    results, save = cached_results(out)
     if args.render_only:
         (out / "results.md").write_text(render(results))
         return
@@ -157,9 +155,6 @@ def main() -> None:
                                    speed={"prompt": args.speed_prompt, "new_tokens": args.speed_new_tokens,
                                           "repeats": args.repeats, "batch": 1}, seed=args.seed)
     cells = results["cells"]
-
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1))
 
     dense = sf.load_model(args.model)
     windows, corpus = prepare_evaluation(dense, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows)

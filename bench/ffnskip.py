@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import markdown_table, print_setup  # noqa: E402
+from _common import cached_results, markdown_table, print_setup  # noqa: E402
 
 BASELINES = ("static", "random", "early_exit")
 
@@ -116,9 +116,7 @@ def main() -> None:
     from sparseforge.skip import SkipPolicy, calibrate_skip, install_policy, matched_baseline
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {"cells": {}}
+    results, save = cached_results(out)
     results["setup"] = print_setup(model=args.model, ratios=args.ratios, baselines_at=args.baselines_at,
                                    warmup=args.warmup, calibration={"nsamples": args.nsamples,
                                                                     "prompt_tokens": args.prompt_tokens,
@@ -130,9 +128,6 @@ def main() -> None:
                                                                             "repeats": args.repeats, "batch": 1},
                                    seed=args.seed)
     cells = results["cells"]
-
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1))
 
     dense = sf.load_model(args.model)
     skipped = sf.load_model(args.model)
