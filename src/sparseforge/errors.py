@@ -60,3 +60,7 @@ class SkipError(SparseforgeError):
 
 class FactorizeError(SparseforgeError):
     pass
+
+
+class SparseTrainingError(SparseforgeError):
+    """Bad settings for dynamic sparse training or continual learning (density, task split, capacity)."""

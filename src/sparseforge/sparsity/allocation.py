@@ -5,11 +5,13 @@
 ``2 * lambda`` with the mean held at the target. As in the reference code, the spread is centred on the mean, not
 on the middle of the range, so a block can land up to ``2 * lambda`` from the target when the ratios are skewed
 (the paper's "target +- lambda" holds only for symmetric ratios). OWL needs calibration statistics, so the
-pipeline measures the per-block outlier ratios and this module only does the arithmetic.
+pipeline measures the per-block outlier ratios and this module only does the arithmetic. ``erk_densities`` serves
+sparse training, where layers of any shape (convolutions included) get a density each.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +59,27 @@ def owl_sparsities(outlier_ratios: list[float], target: float, lam: float) -> li
     scaled = (ratios - ratios.min()) / spread * (2 * lam)
     density = scaled - scaled.mean() + (1 - target)
     return (1 - density).clamp(0.0, 0.99).tolist()
+
+
+def erk_densities(shapes: dict[str, tuple[int, ...]], density: float, power: float = 1.0) -> dict[str, float]:
+    """Erdos-Renyi-Kernel densities (Evci et al., 2020): layer density proportional to sum(shape) / prod(shape).
+
+    Solves the scale so the parameter-weighted mean density equals ``density``. A layer whose density would exceed
+    1 is made dense and the scale is solved again for the others, largest raw density first, as RigL's and the
+    continual-DST study's code do. Small layers (first conv, classifier) therefore end up denser than large ones.
+    """
+    if not 0 < density <= 1:
+        raise PatternError(f"density must be in (0, 1], got {density}")
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: (sum(shape) / sizes[name]) ** power for name, shape in shapes.items()}
+    total = sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        sparse = [name for name in shapes if name not in dense]
+        budget = density * total - sum(sizes[name] for name in dense)
+        weighted = sum(raw[name] * sizes[name] for name in sparse)
+        scale = budget / weighted if weighted > 0 else 0.0
+        over = [name for name in sparse if scale * raw[name] > 1]
+        if not over:
+            return {name: 1.0 if name in dense else scale * raw[name] for name in shapes}
+        dense.add(max(over, key=lambda name: raw[name]))

@@ -1,7 +1,11 @@
-"""Masks on linear layers: apply them, keep pruned weights at zero during training, check invariants.
+"""Masks on weights: apply them, keep pruned weights at zero during training, check invariants.
 
 Enforcement is a ``torch.nn.utils.parametrize`` parametrization (weight = original * mask), so any training loop
-(ours, a Trainer, a user's) keeps pruned weights at exactly zero without knowing about sparsity.
+(ours, a Trainer, a user's) keeps pruned weights at exactly zero without knowing about sparsity. The same
+parametrization serves the LLM adapters' linear layers and any ``nn.Module`` weight (dynamic sparse training of
+convolutions and MLPs): its mask is a buffer that a topology update may rewrite in place, and it can record the
+gradient of the *effective* (dense-shaped) weight, which gradient-based regrowth needs and which the masked
+parameter's own gradient no longer carries.
 """
 
 from __future__ import annotations
@@ -20,29 +24,66 @@ def apply_mask(view: LinearView, mask: torch.Tensor) -> None:
         view.weight.mul_(mask.to(view.weight.dtype))
 
 
-class _KeepMask(nn.Module):
+class KeepMask(nn.Module):
+    """weight = original * mask. With ``record_gradient`` set, keeps dL/d(weight) of the last backward pass."""
+
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask, persistent=False)
+        self.record_gradient = False
+        self.dense_grad: torch.Tensor | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask.to(weight.dtype)
+        return self._attach_recorder(weight * self.mask.to(weight.dtype))
+
+    def _attach_recorder(self, effective: torch.Tensor) -> torch.Tensor:
+        if self.record_gradient and effective.requires_grad:
+            effective.register_hook(self._record)
+        return effective
+
+    def _record(self, grad: torch.Tensor) -> None:
+        self.dense_grad = grad.detach()
+
+
+def enforce_weight_mask(module: nn.Module, mask: torch.Tensor, keeper: KeepMask | None = None,
+                        name: str = "weight") -> KeepMask:
+    """Zero ``module.<name>`` outside ``mask`` and keep it so through training; returns the parametrization.
+
+    The trainable parameter stays the same object (``module.parametrizations.<name>.original``), so an optimizer
+    built before this call keeps working. ``keeper`` lets a caller install a subclass (per-task frozen weights).
+    """
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(f"{type(module).__name__}.{name} already has a mask")
+    keeper = keeper if keeper is not None else KeepMask(mask.to(getattr(module, name).device))
+    with torch.no_grad():
+        getattr(module, name).mul_(keeper.mask.to(getattr(module, name).dtype))
+    parametrize.register_parametrization(module, name, keeper)
+    return keeper
+
+
+def trainable_weight(module: nn.Module, name: str = "weight") -> nn.Parameter:
+    """The parameter an optimizer updates: the original under a mask, or the plain weight."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return getattr(module, name)
 
 
 def enforce_masks(adapter: ModelAdapter, masks: dict[str, torch.Tensor]) -> None:
     """Make every masked layer compute with ``weight * mask`` so training cannot revive pruned weights."""
     for view in adapter.linears():
         if view.name in masks and not parametrize.is_parametrized(view.module, "weight"):
-            apply_mask(view, masks[view.name])
-            storage_mask = view.to_storage(masks[view.name]).to(view.module.weight.device)
-            parametrize.register_parametrization(view.module, "weight", _KeepMask(storage_mask))
+            enforce_weight_mask(view.module, view.to_storage(masks[view.name]).to(view.module.weight.device))
 
 
 def release_masks(adapter: ModelAdapter) -> None:
     """Remove enforcement, baking the masked weights into plain parameters (before export or inference)."""
     for view in adapter.linears():
-        if parametrize.is_parametrized(view.module, "weight"):
-            parametrize.remove_parametrizations(view.module, "weight", leave_parametrized=True)
+        release_weight_mask(view.module)
+
+
+def release_weight_mask(module: nn.Module, name: str = "weight") -> None:
+    if parametrize.is_parametrized(module, name):
+        parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
 def masks_from_zeros(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
