@@ -75,24 +75,44 @@ def split_benchmark(dataset: ImageDataset, tasks: int, augment: bool = False) ->
                           dataset.source, augment)
 
 
-# name -> (loader, default number of tasks, augmentation (random crop + flip) during training)
-BENCHMARKS: dict[str, tuple[Callable[..., ImageDataset], int, bool]] = {
-    "split-fashion-mnist": (load_fashion_mnist, 5, False),
-    "split-cifar10": (load_cifar10, 5, True),
-    "split-cifar100": (load_cifar100, 10, True),
-    "split-miniimagenet": (load_image_folder, 10, True),
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A registered benchmark: its loader, default task count, training augmentation (random crop + flip), and
+    the input shape and class count it will have, so settings can be checked before any data is loaded."""
+
+    loader: Callable[..., ImageDataset]
+    tasks: int
+    augment: bool
+    input_shape: tuple[int, ...]
+    classes: int
+    needs_data: bool = False
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "split-fashion-mnist": BenchmarkSpec(load_fashion_mnist, 5, False, (1, 28, 28), 10),
+    "split-cifar10": BenchmarkSpec(load_cifar10, 5, True, (3, 32, 32), 10),
+    "split-cifar100": BenchmarkSpec(load_cifar100, 10, True, (3, 32, 32), 100),
+    "split-miniimagenet": BenchmarkSpec(load_image_folder, 10, True, (3, 32, 32), 100, needs_data=True),
 }
+
+
+def benchmark_spec(name: str, tasks: int | None = None, data: str | None = None) -> BenchmarkSpec:
+    """The spec of ``name``, with the task split and data argument checked (no data is loaded)."""
+    if name not in BENCHMARKS:
+        raise SparseTrainingError(f"unknown benchmark '{name}'; available: {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[name]
+    if spec.needs_data and data is None:
+        raise SparseTrainingError(f"{name} needs --data: a directory with one sub-directory of images per class")
+    if not spec.needs_data:
+        split_classes(spec.classes, tasks or spec.tasks)
+    return spec
 
 
 def load_benchmark(name: str, tasks: int | None = None, data: str | None = None) -> SplitBenchmark:
     """A registered benchmark; ``data`` is its directory or file where it needs one (miniImageNet: required)."""
-    if name not in BENCHMARKS:
-        raise SparseTrainingError(f"unknown benchmark '{name}'; available: {', '.join(BENCHMARKS)}")
-    loader, default_tasks, augment = BENCHMARKS[name]
-    if loader is load_image_folder and data is None:
-        raise SparseTrainingError(f"{name} needs --data: a directory with one sub-directory of images per class")
-    dataset = loader(data) if data is not None else loader()
-    return split_benchmark(dataset, tasks or default_tasks, augment)
+    spec = benchmark_spec(name, tasks, data)
+    dataset = spec.loader(data) if data is not None else spec.loader()
+    return split_benchmark(dataset, tasks or spec.tasks, spec.augment)
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SparseTrainingError
-from .backbones import build_backbone
-from .benchmarks import SplitBenchmark, Task, augment_batch
+from .backbones import BACKBONES, build_backbone
+from .benchmarks import SplitBenchmark, Task, augment_batch, benchmark_spec, split_classes
 from .engine import DSTConfig, DynamicSparsity
 from .masks import check_density, sparse_targets
 from .metrics import continual_metrics
@@ -62,6 +62,8 @@ class ContinualConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise SparseTrainingError(f"unknown strategy '{self.strategy}'; available: {', '.join(STRATEGIES)}")
+        if self.backbone not in BACKBONES:
+            raise SparseTrainingError(f"unknown backbone '{self.backbone}'; available: {', '.join(BACKBONES)}")
         check_density(self.density)
         check_rule("growth", self.growth, GROWTH_RULES)
         check_rule("drop", self.drop, DROP_RULES)
@@ -161,6 +163,23 @@ class _Evaluator:
         return {s: [task_accuracy(model, task, s) for task in self.benchmark.tasks] for s in SCORINGS}
 
 
+def sparse_subnetworks(model: nn.Module, config: ContinualConfig, task_classes: list[list[int]]) -> TaskSubnetworks:
+    """Per-task masks over ``model`` (its last sparse layer is the head), refused up front if capacity runs out."""
+    head = list(sparse_targets(model))[-1]
+    subnetworks = TaskSubnetworks(model, config.density, config.init, config.new_weights, config.seed, head,
+                                  task_classes)
+    subnetworks.check_capacity(len(task_classes))
+    return subnetworks
+
+
+def preflight(benchmark: str, config: ContinualConfig, tasks: int | None = None, data: str | None = None) -> None:
+    """Every check that needs no data (benchmark, task split, capacity), so a bad request fails in a second."""
+    spec = benchmark_spec(benchmark, tasks, data)
+    if config.sparse and not spec.needs_data:
+        model = build_backbone(config.backbone, spec.input_shape, spec.classes)
+        sparse_subnetworks(model, config, split_classes(spec.classes, tasks or spec.tasks))
+
+
 def run_continual(benchmark: SplitBenchmark, config: ContinualConfig, progress: bool = True) -> dict:
     """Train every task of ``benchmark`` in order with ``config``; returns accuracy matrices, metrics and stats."""
     torch.manual_seed(config.seed)
@@ -176,10 +195,7 @@ def run_continual(benchmark: SplitBenchmark, config: ContinualConfig, progress: 
     model = fresh_model()
     subnetworks = None
     if config.sparse:
-        head = list(sparse_targets(model))[-1]
-        subnetworks = TaskSubnetworks(model, config.density, config.init, config.new_weights, config.seed, head,
-                                      [task.classes for task in tasks])
-        subnetworks.check_capacity(len(tasks))
+        subnetworks = sparse_subnetworks(model, config, [task.classes for task in tasks])
     training = []
     initial = None
     per_task_models: list[nn.Module] = []

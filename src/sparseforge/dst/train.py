@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset
 from ..errors import SparseTrainingError
-from .backbones import build_backbone
+from .backbones import BACKBONES, build_backbone
 from .benchmarks import augment_batch, split_benchmark
 from .engine import METHODS, DSTConfig, DynamicSparsity
 
@@ -39,6 +39,8 @@ class SparseTrainConfig:
     def __post_init__(self) -> None:
         if self.method != DENSE and self.method not in METHODS:
             raise SparseTrainingError(f"unknown method '{self.method}'; available: {DENSE}, {', '.join(METHODS)}")
+        if self.backbone not in BACKBONES:
+            raise SparseTrainingError(f"unknown backbone '{self.backbone}'; available: {', '.join(BACKBONES)}")
         if self.epochs < 1 or self.batch < 1:
             raise SparseTrainingError("epochs and batch must be at least 1")
         self.dst_config(1)
@@ -88,9 +90,10 @@ def train_sparse_classifier(dataset: ImageDataset, config: SparseTrainConfig, au
               "density": engine.density() if engine else 1.0,
               "updates": len(engine.history) if engine else 0,
               "layer_densities": {n: float(m.float().mean()) for n, m in engine.masks().items()} if engine else {}}
+    masks = engine.masks() if engine else {}
     if engine:
         engine.release()
-    return {"result": result, "model": model}
+    return {"result": result, "model": model, "masks": masks}
 
 
 @torch.no_grad()

@@ -1,0 +1,82 @@
+"""``sparseforge continual`` and ``sparseforge dst``: end to end on synthetic data, and every refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from test_cli import assert_clean_failure, run_cli
+from test_continual import synthetic_dataset
+
+from sparseforge.data import images
+from sparseforge.dst import benchmarks, grid
+from sparseforge.dst.benchmarks import split_benchmark
+
+
+@pytest.fixture
+def synthetic(monkeypatch):
+    """Every benchmark and dataset is the synthetic one (the real ones are in the integration tests)."""
+    monkeypatch.setattr(grid, "load_benchmark", lambda name, tasks, data: split_benchmark(synthetic_dataset(), 2))
+    monkeypatch.setitem(images.IMAGE_DATASETS, "fashion-mnist", lambda: synthetic_dataset(classes=4))
+
+
+def test_continual_writes_a_summary_plots_and_resumes(capsys, monkeypatch, tmp_path, synthetic):
+    out = tmp_path / "run"
+    args = ["continual", "--density", "0.3", "--epochs", "1", "--batch", "16", "--delta-t", "3", "--tasks", "2",
+            "--seeds", "2", "--baselines", "--out", out]
+    code, stdout, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert {"runs.jsonl", "summary.json", "summary.md", "accuracy_matrix.png", "mask_overlap.png"} <= \
+        {p.name for p in out.iterdir()}
+    rows = {row["label"]: row for row in json.loads((out / "summary.json").read_text())["rows"]}
+    assert set(rows) == {"dst uniform random d=0.3", "static uniform d=0.3", "finetune", "dense-per-task"}
+    assert rows["dst uniform random d=0.3"]["seeds"] == 2
+    assert rows["dst uniform random d=0.3"]["task_backward_transfer"] == [0.0, 0.0]
+    assert "dst uniform random d=0.3" in stdout
+    lines = (out / "runs.jsonl").read_text().count("\n")
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert (out / "runs.jsonl").read_text().count("\n") == lines  # everything was already done
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--density", "0"], "density must be in (0, 1]"),
+    (["--tasks", "3"], "3 tasks do not divide 10 classes"),
+    (["--density", "0.9", "--tasks", "10"], "exceed the network's free capacity"),
+    (["--growth", "oracle"], "unknown growth rule 'oracle'"),
+    (["--benchmark", "split-svhn"], "unknown benchmark"),
+    (["--benchmark", "split-miniimagenet"], "needs --data"),
+    (["--strategy", "ewc"], "unknown strategy"),
+])
+def test_continual_refuses_bad_input_before_training(capsys, monkeypatch, tmp_path, args, message):
+    code, _, err = run_cli(capsys, monkeypatch, "continual", "--out", tmp_path / "run", *args)
+    assert_clean_failure(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dst_trains_sparse_and_writes_weights_and_masks(capsys, monkeypatch, tmp_path, synthetic):
+    out = tmp_path / "dst"
+    code, stdout, err = run_cli(capsys, monkeypatch, "dst", "--method", "set", "--density", "0.3", "--epochs", "2",
+                                "--batch", "16", "--delta-t", "4", "--out", out)
+    assert code == 0, err
+    assert "test accuracy" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["updates"] > 0 and result["density"] == pytest.approx(0.3, abs=0.01)
+    weights, masks = load_file(out / "model.safetensors"), load_file(out / "masks.safetensors")
+    for name, mask in masks.items():
+        assert bool((weights[f"{name}.weight"][mask == 0] == 0).all())
+    code, _, err = run_cli(capsys, monkeypatch, "dst", "--epochs", "1", "--out", out)
+    assert_clean_failure(code, err, "exists; pass --overwrite")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "prospr"], "unknown method 'prospr'"),
+    (["--density", "1.5"], "density must be in (0, 1]"),
+    (["--data", "svhn"], "unknown dataset 'svhn'"),
+    (["--backbone", "vit"], "unknown backbone 'vit'"),
+])
+def test_dst_refuses_bad_input(capsys, monkeypatch, tmp_path, synthetic, args, message):
+    code, _, err = run_cli(capsys, monkeypatch, "dst", "--out", tmp_path / "run", *args)
+    assert_clean_failure(code, err, message)
+    assert not (tmp_path / "run").exists()
