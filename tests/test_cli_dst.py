@@ -80,3 +80,22 @@ def test_dst_refuses_bad_input(capsys, monkeypatch, tmp_path, synthetic, args, m
     code, _, err = run_cli(capsys, monkeypatch, "dst", "--out", tmp_path / "run", *args)
     assert_clean_failure(code, err, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_dst_trains_a_language_model_and_exports_it_pruned(capsys, monkeypatch, tmp_path):
+    from sparseforge.models.loading import load_model
+    from sparseforge.sparsity.masks import masks_from_zeros
+
+    out = tmp_path / "lm"
+    code, stdout, err = run_cli(capsys, monkeypatch, "dst", "tiny-llama", "--method", "rigl", "--density", "0.3",
+                                "--init", "uniform", "--steps", "6", "--delta-t", "2", "--seqlen", "32",
+                                "--eval-windows", "2", "--out", out)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["updates"] == 2 and result["train"]["dst"]["rewired"] > 0
+    reloaded = load_model(str(out / "model"))
+    masks = masks_from_zeros(reloaded.adapter)
+    assert len(masks) == len(list(reloaded.adapter.linears()))
+    for view in reloaded.adapter.linears():
+        assert float(masks[view.name].float().mean()) == pytest.approx(0.3, abs=0.01)
+    assert "perplexity" in stdout

@@ -10,6 +10,8 @@ The Python API mirrors the command line::
     sf.finercut(dense, remove=0.25)                 # whole attention / FFN sub-layers removed, greedily
     sf.calibrate_skip(dense, target=0.25)           # FFN blocks skipped per token while decoding
     sf.factorize(other, experts=4, topk=1)          # FFNs split into routed experts (FactorLLM), trained
+    sf.continual(sf.ContinualConfig(density=0.2, init="erk", growth="gradient"), "runs/cl", seeds=3)
+    sf.DynamicSparsity.install(any_module, sf.DSTConfig(density=0.2, method="rigl")).attach(optimizer)
     print(sf.generate(dense, "The capital of France is")["texts"])
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
@@ -20,6 +22,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .dst import ContinualConfig, DSTConfig, DynamicSparsity, SparseTrainConfig, continual  # noqa: E402
+from .dst import train_language_model as train_sparse_lm  # noqa: E402
+from .dst import train_sparse  # noqa: E402
 from .errors import SparseforgeError  # noqa: E402
 from .export.saving import save_model  # noqa: E402
 from .models.handle import LoadedModel  # noqa: E402
@@ -67,7 +72,8 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
     return _run(load_recipe(recipe) if isinstance(recipe, str) else recipe, out_dir, overwrite, progress)
 
 
-__all__ = ["LoadedModel", "Recipe", "SparseforgeError", "calibrate_skip", "evaluate", "factorize", "finercut",
-           "generate",
+__all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Recipe", "SparseTrainConfig",
+           "SparseforgeError", "calibrate_skip", "continual", "evaluate", "factorize", "finercut", "generate",
+           "train_sparse", "train_sparse_lm",
            "load_model", "load_recipe",
            "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

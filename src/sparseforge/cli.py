@@ -467,37 +467,61 @@ def continual(
 
 @app.command()
 def dst(
+    model: str = typer.Argument("mlp", help="an image backbone (mlp, resnet) or a language model: " + MODEL_HELP),
     method: str = typer.Option("rigl", help="set, rigl, snfs, static (a fixed random mask) or dense"),
     density: float = typer.Option(0.2, help="share of weights kept, in (0, 1]"),
     init: str = typer.Option("erk", help="mask initialisation: uniform or erk"),
-    data: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10 (offline) or cifar100"),
-    backbone: str = typer.Option("mlp", help="mlp or resnet"),
-    epochs: int = typer.Option(10, help="training epochs"),
-    batch: int = typer.Option(128, help="training batch"),
-    lr: float = typer.Option(1e-3, help="Adam learning rate"),
+    data: Optional[str] = typer.Option(None, help="images: fashion-mnist (default), cifar10, cifar100; language "
+                                                  "models: default, wikitext2, c4, or a .txt/.jsonl"),
+    epochs: int = typer.Option(10, help="training epochs (image backbones)"),
+    steps: int = typer.Option(200, help="training steps (language models)"),
+    seqlen: int = typer.Option(256, help="tokens per training window (language models)"),
+    from_scratch: bool = typer.Option(True, "--from-scratch/--from-pretrained",
+                                      help="language models: re-initialise the weights, or start from the loaded "
+                                           "ones under random masks"),
+    batch: int = typer.Option(128, help="training batch (images) or windows per step (language models: 8)"),
+    lr: float = typer.Option(1e-3, help="learning rate"),
     delta_t: int = typer.Option(100, help="optimizer steps between topology updates"),
     drop_fraction: float = typer.Option(0.3, help="share of active weights rewired at the first update"),
     stop_fraction: float = typer.Option(0.75, help="no topology updates after this share of training"),
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
-    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-<data>-<method>)"),
+    eval_windows: Optional[int] = typer.Option(None, help="language models: at most this many perplexity windows"),
+    format: str = typer.Option("auto", help="language models: export format (auto, dense, or a sparse format)"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-...)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
-    """Train an image classifier sparse from scratch with dynamic sparse training (SET, RigL, SNFS).
+    """Train a model sparse from scratch with dynamic sparse training (SET, RigL, SNFS): an image classifier, or
+    any supported language model (its attention and FFN projections).
 
-    Every layer keeps exactly its share of weights throughout; the run directory holds the weights (zeros where
-    pruned), the masks and the test accuracy.
+    Every layer keeps exactly its share of weights throughout. An image run writes the weights (zeros where
+    pruned), the masks and the test accuracy; a language-model run exports a Hugging Face directory and reports
+    perplexity.
     """
-    from .dst.api import train_sparse
-    from .dst.train import SparseTrainConfig
+    from .dst.backbones import BACKBONES
 
-    config = SparseTrainConfig(method=method, density=density, init=init, backbone=backbone, epochs=epochs,
-                               batch=batch, lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
-                               stop_fraction=stop_fraction, seed=seed)
-    out_dir = out_dir or str(Path("runs") / f"dst-{data}-{method}-{density:g}")
-    result = train_sparse(config, out_dir, data, overwrite)
-    out.print(f"{method} at density {result['density']:.3f}: test accuracy {100 * result['accuracy']:.2f}% after "
-              f"{result['steps']} steps ({result['updates']} topology updates, {result['seconds']:.0f} s)",
-              highlight=False)
+    out_dir = out_dir or _run_directory(model, f"dst-{method}-{density:g}")
+    if model in BACKBONES:
+        from .dst.api import train_sparse
+        from .dst.train import SparseTrainConfig
+
+        config = SparseTrainConfig(method=method, density=density, init=init, backbone=model, epochs=epochs,
+                                   batch=batch, lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
+                                   stop_fraction=stop_fraction, seed=seed)
+        result = train_sparse(config, out_dir, data or "fashion-mnist", overwrite)
+        out.print(f"{method} at density {result['density']:.3f}: test accuracy {100 * result['accuracy']:.2f}% "
+                  f"after {result['steps']} steps ({result['updates']} topology updates, {result['seconds']:.0f} s)",
+                  highlight=False)
+    else:
+        from .dst.api import train_language_model
+
+        result = train_language_model(model, out_dir, method=method, density=density, init=init,
+                                      data=data or "default", steps=steps, batch=min(batch, 8), seqlen=seqlen,
+                                      lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
+                                      stop_fraction=stop_fraction, from_scratch=from_scratch, seed=seed,
+                                      eval_windows=eval_windows, format=format, overwrite=overwrite)
+        out.print(f"{method} at density {result['density']:.3f}: perplexity {result['perplexity']:.2f} after "
+                  f"{result['train']['steps_done']} steps ({result['updates']} topology updates, loss "
+                  f"{result['train']['loss_first']} -> {result['train']['loss_last']})", highlight=False)
     _log(f"written to {out_dir}")
 
 

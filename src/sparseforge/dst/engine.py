@@ -129,9 +129,11 @@ class DynamicSparsity:
             layer.keeper.record_gradient = config.dynamic and config.growth in GRADIENT_GROWTH
 
     @classmethod
-    def install(cls, model: nn.Module, config: DSTConfig) -> "DynamicSparsity":
-        """Draw random masks (``config.init``) for every linear/conv weight of ``model`` and enforce them."""
-        targets = sparse_targets(model)
+    def install(cls, model: nn.Module, config: DSTConfig,
+                targets: dict[str, nn.Module] | None = None) -> "DynamicSparsity":
+        """Draw random masks (``config.init``) for every linear/conv weight of ``model`` (or only ``targets``, e.g.
+        the linears a model adapter exposes) and enforce them."""
+        targets = targets if targets is not None else sparse_targets(model)
         masks = random_masks(targets, config.density, config.init, torch.Generator().manual_seed(config.seed))
         layers = {}
         for name, module in targets.items():

@@ -52,7 +52,7 @@ class IMPConfig:
         return 1.0 - (1.0 - self.sparsity) ** ((round_index + 1) / self.rounds)
 
 
-def _lm_loss(handle: LoadedModel, windows: torch.Tensor, config: TrainConfig):
+def lm_loss(handle: LoadedModel, windows: torch.Tensor, config: TrainConfig):
     """Causal-LM loss on step ``step``'s windows; under ``accelerate launch`` each process takes its own share of
     a global batch of ``batch x processes`` windows."""
     from accelerate import PartialState
@@ -95,7 +95,7 @@ def _full(handle: LoadedModel, windows, config: TrainConfig, checkpoint_dir, set
     enforce_masks(handle.adapter, handle.masks)
     params = [p for p in handle.model.parameters() if p.requires_grad]  # the parametrized originals
     try:
-        report = train(params, _lm_loss(handle, windows, config), config, handle.model, checkpoint_dir, settings,
+        report = train(params, lm_loss(handle, windows, config), config, handle.model, checkpoint_dir, settings,
                        progress, desc, on_step)
     finally:
         release_masks(handle.adapter)
@@ -160,7 +160,7 @@ def retrain(
         record.update(params=groups, lora=asdict(lora) if "lora" in groups or "lm_head" in groups else None,
                       trainable=selection.describe())
         try:
-            record["training"] = train(selection.all(), _lm_loss(handle, windows, config), config, handle.model,
+            record["training"] = train(selection.all(), lm_loss(handle, windows, config), config, handle.model,
                                        checkpoint_dir, settings, progress, f"PERP {'+'.join(groups)}", on_step)
         finally:
             freeze(handle.model)

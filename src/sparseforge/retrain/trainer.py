@@ -109,12 +109,15 @@ class TrainCheckpoint(Checkpoint):
 
 def train(params: list[nn.Parameter], loss_of_step: Callable[[int], torch.Tensor], config: TrainConfig,
           module: nn.Module, checkpoint_dir: str | os.PathLike | None = None, settings: dict | None = None,
-          progress: bool = True, desc: str = "retrain", on_step: Callable[[int], None] | None = None) -> dict:
+          progress: bool = True, desc: str = "retrain", on_step: Callable[[int], None] | None = None,
+          on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None) -> dict:
     """Minimise ``loss_of_step(step)`` over ``params`` for ``config.steps`` steps; returns a report.
 
     ``module`` is switched to training mode (and gradient checkpointing, if asked) for the duration. With a
     ``checkpoint_dir`` the run saves every ``checkpoint_every`` steps and resumes from there when restarted with
     the same ``settings``. ``on_step(step)`` runs after each update (tests use it to interrupt a run).
+    ``on_optimizer(optimizer)`` sees the torch optimizer once, before training (dynamic sparse training attaches
+    its topology updates there).
     """
     from accelerate import Accelerator
 
@@ -125,6 +128,8 @@ def train(params: list[nn.Parameter], loss_of_step: Callable[[int], torch.Tensor
     accelerator = Accelerator(mixed_precision=_mixed_precision(device), cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(config))
+    if on_optimizer is not None:
+        on_optimizer(optimizer)
     optimizer = accelerator.prepare(optimizer)
     if accelerator.num_processes > 1:
         module = accelerator.prepare(module)
