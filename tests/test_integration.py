@@ -175,3 +175,26 @@ def test_factorized_default_model_is_exact_with_every_expert_and_round_trips(tmp
     assert reloaded.experts.settings.topk == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(input_ids=ids).logits, routed, rtol=0, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_continual_and_plain_dst_on_real_fashion_mnist(tmp_path):
+    """The real offline data (Debian's Fashion-MNIST): one epoch per task already separates the strategies."""
+    from sparseforge.data.images import load_fashion_mnist
+    from sparseforge.dst import ContinualConfig, SparseTrainConfig, run_continual
+    from sparseforge.dst.benchmarks import split_benchmark
+    from sparseforge.dst.train import train_sparse_classifier
+
+    dataset = load_fashion_mnist()
+    assert dataset.train_images.shape == (60000, 28, 28, 1) and dataset.test_labels.bincount().tolist() == [1000] * 10
+    benchmark = split_benchmark(dataset, 5)
+    dst = run_continual(benchmark, ContinualConfig(density=0.1, init="erk", growth="gradient", epochs=1),
+                        progress=False)
+    finetune = run_continual(benchmark, ContinualConfig(strategy="finetune", epochs=1), progress=False)
+    assert dst["metrics"]["task"]["backward_transfer"] == 0.0
+    assert dst["metrics"]["task"]["average_accuracy"] > 0.95
+    assert finetune["metrics"]["task"]["backward_transfer"] < -0.01
+    assert dst["metrics"]["task"]["average_accuracy"] > finetune["metrics"]["task"]["average_accuracy"]
+    plain = train_sparse_classifier(dataset, SparseTrainConfig(method="rigl", density=0.2, epochs=1),
+                                    progress=False)["result"]
+    assert plain["density"] == pytest.approx(0.2, abs=1e-3) and plain["accuracy"] > 0.8
