@@ -42,13 +42,13 @@ def pct(value: tuple[float, float]) -> str:
 
 
 def grid_table(rows: list[dict]) -> str:
-    header = ["run", "sparsity", "seeds", "avg acc, task scoring (%)", "BWT task (pt)", "avg acc, all logits (%)",
-              "BWT all (pt)", "s/run"]
+    header = ["run", "sparsity", "seeds", "avg acc, task scoring (%)", "BWT task (pt)", "just learned, task (%)",
+              "avg acc, all logits (%)", "BWT all (pt)", "s/run"]
     order = {"dense-per-task": 0, "finetune": 1, "static": 2, "dst": 3}
     rows = sorted(rows, key=lambda r: (order[r["strategy"]], -r["density"], r["init"], r["growth"]))
     return markdown_table(header, [[r["label"], f"{100 * (1 - r['density']):.0f}%", r["seeds"],
                                     pct(r["task_average_accuracy"]), pct(r["task_backward_transfer"]),
-                                    pct(r["all_average_accuracy"]), pct(r["all_backward_transfer"]),
+                                    pct(r["task_just_learned_accuracy"]), pct(r["all_average_accuracy"]), pct(r["all_backward_transfer"]),
                                     f"{r['seconds']:.0f}"] for r in rows])
 
 

@@ -135,6 +135,7 @@ def test_metrics_from_an_accuracy_matrix():
     assert metrics["backward_transfer"] == pytest.approx(((0.7 - 0.9) + (0.9 - 0.95)) / 2)
     assert metrics["forward_transfer"] == pytest.approx(((0.5 - 0.5) + (0.6 - 0.5)) / 2)
     assert metrics["incremental_accuracy"] == pytest.approx([0.9, 0.875, 0.8666666])
+    assert metrics["just_learned_accuracy"] == pytest.approx((0.9 + 0.95 + 1.0) / 3)
 
 
 def tiny_config(**overrides) -> ContinualConfig:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .benchmarks import load_benchmark
 from .continual import ContinualConfig, run_continual
+from .metrics import continual_metrics
 
 
 def grid_configs(base: ContinualConfig, inits: list[str], growths: list[str], densities: list[float],
@@ -117,7 +118,9 @@ def summarise(results: list[dict]) -> list[dict]:
                "density": config.density if config.sparse else 1.0, "seeds": len(members),
                "seconds": mean_std([m["seconds"] for m in members])[0]}
         for scoring in ("task", "all"):
-            for metric in ("average_accuracy", "backward_transfer"):
-                row[f"{scoring}_{metric}"] = mean_std([m["metrics"][scoring][metric] for m in members])
+            # recomputed from the stored matrices, so results written by an older version summarise the same way
+            metrics = [continual_metrics(m["accuracy"][scoring], m["initial_accuracy"][scoring]) for m in members]
+            for metric in ("average_accuracy", "backward_transfer", "just_learned_accuracy"):
+                row[f"{scoring}_{metric}"] = mean_std([m[metric] for m in metrics])
         rows.append(row)
     return rows
