@@ -74,7 +74,7 @@ def test_dst_trains_sparse_and_writes_weights_and_masks(capsys, monkeypatch, tmp
     (["--method", "prospr"], "unknown method 'prospr'"),
     (["--density", "1.5"], "density must be in (0, 1]"),
     (["--data", "svhn"], "unknown dataset 'svhn'"),
-    (["--backbone", "vit"], "unknown backbone 'vit'"),
+    (["--epochs", "0"], "epochs and batch must be at least 1"),
 ])
 def test_dst_refuses_bad_input(capsys, monkeypatch, tmp_path, synthetic, args, message):
     code, _, err = run_cli(capsys, monkeypatch, "dst", "--out", tmp_path / "run", *args)
@@ -91,11 +91,36 @@ def test_dst_trains_a_language_model_and_exports_it_pruned(capsys, monkeypatch, 
                                 "--init", "uniform", "--steps", "6", "--delta-t", "2", "--seqlen", "32",
                                 "--eval-windows", "2", "--out", out)
     assert code == 0, err
-    result = json.loads((out / "result.json").read_text())
-    assert result["updates"] == 2 and result["train"]["dst"]["rewired"] > 0
-    reloaded = load_model(str(out / "model"))
+    report = json.loads((out / "report.json").read_text())
+    stage = report["stages"][0]
+    assert stage["stage"] == "dst" and stage["updates"] == 2 and stage["rewired"] > 0
+    assert report["sparsity"]["overall"] == pytest.approx(0.7, abs=0.01)
+    assert "dynamic sparse training (rigl)" in (out / "report.md").read_text()
+    reloaded = load_model(str(out))
     masks = masks_from_zeros(reloaded.adapter)
     assert len(masks) == len(list(reloaded.adapter.linears()))
     for view in reloaded.adapter.linears():
         assert float(masks[view.name].float().mean()) == pytest.approx(0.3, abs=0.01)
     assert "perplexity" in stdout
+
+
+def test_dst_stage_must_come_first_and_needs_a_dense_model(capsys, monkeypatch, tmp_path):
+    import yaml
+
+    from sparseforge.errors import RecipeError
+    from sparseforge.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="dst trains a sparse model from a dense one"):
+        parse_recipe({"model": "tiny-llama", "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                                        {"dst": {"density": 0.5}}]})
+    with pytest.raises(RecipeError, match="density"):
+        parse_recipe({"model": "tiny-llama", "stages": [{"dst": {"density": 0}}]})
+    pruned = tmp_path / "pruned"
+    code, _, err = run_cli(capsys, monkeypatch, "prune", "tiny-llama", "--sparsity", "0.5", "--eval-windows", "2",
+                           "--out", pruned)
+    assert code == 0, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(pruned), "stages": [{"dst": {"steps": 2}}]}))
+    code, _, err = run_cli(capsys, monkeypatch, "run", recipe, "--out", tmp_path / "run")
+    assert_clean_failure(code, err, "is already pruned")
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ The Python API mirrors the command line::
     sf.factorize(other, experts=4, topk=1)          # FFNs split into routed experts (FactorLLM), trained
     sf.continual(sf.ContinualConfig(density=0.2, init="erk", growth="gradient"), "runs/cl", seeds=3)
     sf.DynamicSparsity.install(any_module, sf.DSTConfig(density=0.2, method="rigl")).attach(optimizer)
+    sf.sparse_train_lm(sf.load_model("tiny-llama"), method="set", density=0.5, steps=200)   # DST of an LM
     print(sf.generate(dense, "The capital of France is")["texts"])
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
@@ -23,7 +24,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .dst import ContinualConfig, DSTConfig, DynamicSparsity, SparseTrainConfig, continual  # noqa: E402
-from .dst import train_language_model as train_sparse_lm  # noqa: E402
+from .dst import sparse_train_lm  # noqa: E402
 from .dst import train_sparse  # noqa: E402
 from .errors import SparseforgeError  # noqa: E402
 from .export.saving import save_model  # noqa: E402
@@ -74,6 +75,6 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
 
 __all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Recipe", "SparseTrainConfig",
            "SparseforgeError", "calibrate_skip", "continual", "evaluate", "factorize", "finercut", "generate",
-           "train_sparse", "train_sparse_lm",
+           "sparse_train_lm", "train_sparse",
            "load_model", "load_recipe",
            "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

@@ -208,7 +208,8 @@ def _ratios(text: str, what: str) -> float | list[float]:
 
 
 def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows: Optional[int], speed: bool,
-                    out_dir: str, dtype: Optional[str], device: str, overwrite: bool, restart: bool) -> None:
+                    out_dir: str, dtype: Optional[str], device: str, overwrite: bool, restart: bool,
+                    export_format: str = "dense") -> None:
     from .pipeline import run_recipe
     from .recipe import parse_recipe
 
@@ -217,7 +218,7 @@ def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows
         "data": {**data, "eval_windows": eval_windows},
         "stages": [stage],
         "evaluate": {"perplexity": ppl, "speed": speed},
-        "export": {"format": "dense", "dtype": dtype},
+        "export": {"format": export_format, "dtype": dtype},
     }, origin="arguments")
     _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
 
@@ -486,7 +487,8 @@ def dst(
     stop_fraction: float = typer.Option(0.75, help="no topology updates after this share of training"),
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
     eval_windows: Optional[int] = typer.Option(None, help="language models: at most this many perplexity windows"),
-    format: str = typer.Option("auto", help="language models: export format (auto, dense, or a sparse format)"),
+    format: str = typer.Option("auto", help="language models: export format (auto, dense, bitmask, nm)"),
+    device: str = typer.Option("cpu", help="language models: " + DEVICE_HELP),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-...)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
@@ -494,8 +496,8 @@ def dst(
     any supported language model (its attention and FFN projections).
 
     Every layer keeps exactly its share of weights throughout. An image run writes the weights (zeros where
-    pruned), the masks and the test accuracy; a language-model run exports a Hugging Face directory and reports
-    perplexity.
+    pruned), the masks and the test accuracy; a language-model run is the recipe stage `dst:` (run directory with
+    the exported model, report.json/report.md with perplexity and per-layer sparsity, recipe.yaml).
     """
     from .dst.backbones import BACKBONES
 
@@ -511,18 +513,13 @@ def dst(
         out.print(f"{method} at density {result['density']:.3f}: test accuracy {100 * result['accuracy']:.2f}% "
                   f"after {result['steps']} steps ({result['updates']} topology updates, {result['seconds']:.0f} s)",
                   highlight=False)
+        _log(f"written to {out_dir}")
     else:
-        from .dst.api import train_language_model
-
-        result = train_language_model(model, out_dir, method=method, density=density, init=init,
-                                      data=data or "default", steps=steps, batch=min(batch, 8), seqlen=seqlen,
-                                      lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
-                                      stop_fraction=stop_fraction, from_scratch=from_scratch, seed=seed,
-                                      eval_windows=eval_windows, format=format, overwrite=overwrite)
-        out.print(f"{method} at density {result['density']:.3f}: perplexity {result['perplexity']:.2f} after "
-                  f"{result['train']['steps_done']} steps ({result['updates']} topology updates, loss "
-                  f"{result['train']['loss_first']} -> {result['train']['loss_last']})", highlight=False)
-    _log(f"written to {out_dir}")
+        stage = {"dst": {"method": method, "density": density, "init": init, "from_scratch": from_scratch,
+                         "steps": steps, "lr": lr, "batch": min(batch, 8), "seqlen": seqlen, "delta_t": delta_t,
+                         "drop_fraction": drop_fraction, "stop_fraction": stop_fraction}}
+        _structural_run(model, stage, {"calibration": data or "default", "seed": seed}, True, eval_windows, False,
+                        out_dir, None, device, overwrite, False, export_format=format)
 
 
 @app.command("eval")

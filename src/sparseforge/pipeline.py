@@ -26,6 +26,7 @@ from .export.saving import save_model
 from .models.handle import LoadedModel
 from .models.loading import load_model
 from .prune.pruner import prune
+from .dst.lm import check_dense, sparse_train_lm
 from .moe import check_factorize_request, factorize_model
 from .recipe import Recipe
 from .retrain.recovery import retrain
@@ -108,9 +109,14 @@ def _run_factorize(handle: LoadedModel, config: BaseModel, context: StageContext
                     progress=context.progress, **config.model_dump())
 
 
+def _run_dst(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    sparse_train_lm(handle, data=data.calibration, seed=data.seed, progress=context.progress, **config.model_dump())
+
+
 STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
     "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut,
-    "skip": _run_skip, "factorize": _run_factorize}
+    "skip": _run_skip, "factorize": _run_factorize, "dst": _run_dst}
 
 
 def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
@@ -130,6 +136,8 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
             check_skip_request(handle.adapter.num_blocks, config.target, config.cold_start, config.cold_end)
         elif stage.kind == "factorize":
             check_factorize_request(handle, config.experts, config.topk, config.partition, config.shared_expert)
+        elif stage.kind == "dst":
+            check_dense(handle)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .dtypes import DTYPES
+from .dst.engine import METHODS as DST_METHODS
+from .dst.masks import MASK_INITS
 from .errors import RecipeError, SparseforgeError
 from .evaluation.qa import DEFAULT_PROMPT, PROMPT_FORMATS
 from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
@@ -222,6 +224,23 @@ class FactorizeStage(_Strict):
         return self
 
 
+class DstStage(_Strict):
+    """Dynamic sparse training of the adapter's linears (SET, RigL, SNFS) on the recipe's training text; the final
+    masks become the model's pruning masks. Starts from a dense model, so it must be the first stage."""
+
+    method: Literal[tuple(m for m in DST_METHODS)] = "rigl"  # type: ignore[valid-type]
+    density: float = Field(0.5, gt=0, le=1, description="share of each layer's weights kept")
+    init: Literal[MASK_INITS] = "erk"  # type: ignore[valid-type]
+    from_scratch: bool = Field(True, description="re-initialise the weights (sparse training from scratch)")
+    steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch: int = Field(8, ge=1)
+    seqlen: int = Field(256, ge=2)
+    delta_t: int = Field(100, ge=1, description="optimizer steps between topology updates")
+    drop_fraction: float = Field(0.3, ge=0, lt=1, description="share of active weights rewired at the first update")
+    stop_fraction: float = Field(0.75, ge=0, le=1, description="no topology updates after this share of the steps")
+
+
 class StageEntry(_Strict):
     """Exactly one of the stage types."""
 
@@ -231,6 +250,7 @@ class StageEntry(_Strict):
     finercut: FinerCutStage | None = None
     skip: SkipStage | None = None
     factorize: FactorizeStage | None = None
+    dst: DstStage | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "StageEntry":
@@ -300,6 +320,9 @@ class Recipe(_Strict):
             if stage.kind in ("shrink", "finercut") and any(s.kind == "prune" for s in self.stages[:index]):
                 raise ValueError(f"stages.{index}: {stage.kind} removes whole neurons, heads or sub-layers from a "
                                  "dense model, so it must come before pruning")
+            if stage.kind == "dst" and index != 0:
+                raise ValueError(f"stages.{index}: dst trains a sparse model from a dense one, so it must be the "
+                                 "first stage")
             if stage.kind in ("skip", "factorize") and index != len(self.stages) - 1:
                 raise ValueError(f"stages.{index}: {stage.kind} is calibrated on the final weights, so it must be "
                                  "the last stage")

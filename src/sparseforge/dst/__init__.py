@@ -6,11 +6,12 @@ task-incremental continual learning with a sparse sub-network per task.
     sparsity.attach(optimizer)        # one call: topology updates run after optimizer.step()
 """
 
-from .api import continual, train_language_model, train_sparse
+from .api import continual, train_sparse
 from .continual import ContinualConfig, run_continual
 from .engine import METHODS, DSTConfig, DynamicSparsity
+from .lm import sparse_train_lm
 from .subnetworks import TaskSubnetworks
 from .train import SparseTrainConfig
 
 __all__ = ["METHODS", "ContinualConfig", "DSTConfig", "DynamicSparsity", "SparseTrainConfig", "TaskSubnetworks",
-           "continual", "run_continual", "train_language_model", "train_sparse"]
+           "continual", "run_continual", "sparse_train_lm", "train_sparse"]

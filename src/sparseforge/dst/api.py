@@ -84,38 +84,3 @@ def train_sparse(config: SparseTrainConfig, out_dir: str | os.PathLike, data: st
         (tmp / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
-
-def train_language_model(model: str, out_dir: str | os.PathLike, method: str = "rigl", density: float = 0.2,
-                         init: str = "erk", data: str = "default", steps: int = 200, batch: int = 8,
-                         seqlen: int = 256, lr: float = 1e-3, delta_t: int = 100, drop_fraction: float = 0.3,
-                         stop_fraction: float = 0.75, from_scratch: bool = True, seed: int = 0,
-                         eval_windows: int | None = None, format: str = "auto", overwrite: bool = False,
-                         progress: bool = True) -> dict:
-    """Train a language model with DST (or ``method="dense"``), measure perplexity, export it to ``out_dir``."""
-    from ..evaluation.session import EvalSettings, evaluate_session
-    from ..export.saving import save_model
-    from ..models.loading import load_model
-    from ..retrain.trainer import TrainConfig
-    from .engine import DSTConfig
-    from .lm import train_language_model_sparse
-    from .train import DENSE
-
-    dst = None if method == DENSE else DSTConfig(density=density, init=init, method=method, delta_t=delta_t,
-                                                 drop_fraction=drop_fraction, stop_fraction=stop_fraction,
-                                                 total_steps=steps, seed=seed)
-    train_config = TrainConfig(steps=steps, lr=lr, batch=batch, seqlen=seqlen, seed=seed)
-    if Path(out_dir).exists() and not overwrite:
-        raise SparseTrainingError(f"{out_dir} exists; pass --overwrite to replace it")
-    handle = load_model(model)
-    report = train_language_model_sparse(handle, dst, train_config, data, from_scratch, progress)
-    evaluation = evaluate_session(handle, EvalSettings(perplexity=True, windows=eval_windows), None,
-                                  progress=progress)
-    metrics = evaluation["metrics"]["after"]
-    result = {"model": model, "method": method, "train": report, "metrics": metrics,
-              "perplexity": metrics["perplexity"]["perplexity"],
-              "density": report["dst"]["density"] if report["dst"] else 1.0,
-              "updates": report["dst"]["updates"] if report["dst"] else 0}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_model(handle, tmp / "model", format=format)
-        (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    return result

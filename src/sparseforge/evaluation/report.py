@@ -213,6 +213,15 @@ def _experts_lines(stage: dict, after: dict) -> list[str]:
     return lines
 
 
+def _dst_lines(stage: dict) -> list[str]:
+    """Sparse training: where it started, how many topology updates rewired how many weights, the loss."""
+    start = "from scratch (re-initialised)" if stage["from_scratch"] else "from the loaded weights"
+    return [f"- {stage['init']} masks at density {stage['density']:.3f}, {start}",
+            f"- {stage['steps_done']} steps, {stage['updates']} topology updates rewiring {stage['rewired']:,} weights "
+            f"({stage['seconds']:.1f} s)",
+            f"- loss {stage['loss_first']} -> {stage['loss_last']}"]
+
+
 def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
@@ -230,6 +239,9 @@ def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
             continue
         if stage.get("stage") in STRUCTURAL_STAGES:
             lines += ["", f"## Stage {index}: {stage['stage']} ({stage['method']})", ""] + _structure_lines(stage)
+            continue
+        if stage.get("stage") == "dst":
+            lines += ["", f"## Stage {index}: dynamic sparse training ({stage['method']})", ""] + _dst_lines(stage)
             continue
         title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
         lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]
