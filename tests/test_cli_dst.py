@@ -10,7 +10,7 @@ from test_cli import assert_clean_failure, run_cli
 from test_continual import synthetic_dataset
 
 from sparseforge.data import images
-from sparseforge.dst import benchmarks, grid
+from sparseforge.dst import grid
 from sparseforge.dst.benchmarks import split_benchmark
 
 

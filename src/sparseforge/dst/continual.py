@@ -22,7 +22,7 @@ head (the reference code's choice).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -147,7 +147,7 @@ def train_task(model: nn.Module, task: Task, config: ContinualConfig, augment: b
 
 
 class _Evaluator:
-    """Fills one accuracy matrix per scoring; ``prepare(j)`` puts the network in the state that answers task j."""
+    """Fills one accuracy matrix per scoring; ``model_for(j, scoring)`` gives the network that answers task j."""
 
     def __init__(self, benchmark: SplitBenchmark):
         self.benchmark = benchmark
@@ -222,7 +222,7 @@ def run_continual(benchmark: SplitBenchmark, config: ContinualConfig, progress: 
         else:
             evaluator.row(task.index, lambda j, scoring: model)
     bar.close()
-    parameters = sum(p.numel() for n, p in model.named_parameters())
+    parameters = sum(p.numel() for p in model.parameters())
     result = {
         "config": asdict(config),
         "benchmark": benchmark.describe(),
@@ -240,6 +240,3 @@ def run_continual(benchmark: SplitBenchmark, config: ContinualConfig, progress: 
         result["layer_densities"] = subnetworks.densities
     return result
 
-
-def with_overrides(config: ContinualConfig, **overrides) -> ContinualConfig:
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
