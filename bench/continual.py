@@ -6,6 +6,8 @@ Parts (all resumable; results in bench/results/continual/):
   static random mask per task, fine-tuning, and a dense network per task.
 * cifar: Split CIFAR-10 (5 x 2, 8k/2k from the bigbench CIFAR-10 set), small ResNet, a smaller grid.
 * plain: 10-class Fashion-MNIST, MLP, dense vs SET / RigL / SNFS / static at 80% sparsity, seeds.
+* newweights: the documented decision "new-task weights start at zero" against a fresh initialisation, at 90% and
+  95% sparsity with gradient growth (both inits), same seeds as the grid.
 
     .venv/bin/python bench/continual.py [--parts grid,cifar,plain] [--seeds 3] [--workers 2] [--render-only]
 """
@@ -16,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from _common import markdown_table, print_setup  # noqa: E402
 
 from sparseforge.data.images import load_fashion_mnist  # noqa: E402
 from sparseforge.dst.continual import ContinualConfig  # noqa: E402
-from sparseforge.dst.grid import grid_configs, mean_std, read_results, run_grid, summarise  # noqa: E402
+from sparseforge.dst.grid import config_key, grid_configs, mean_std, read_results, run_grid, summarise  # noqa: E402
 from sparseforge.dst.plots import plot_accuracy_matrix, plot_grid, plot_mask_overlap  # noqa: E402
 from sparseforge.dst.train import SparseTrainConfig, train_sparse_classifier  # noqa: E402
 
@@ -129,9 +132,25 @@ def render_plain(results: list[dict]) -> str:
     return markdown_table(["method", "sparsity", "test accuracy (%)", "vs dense (pt)", "s/run"], rows)
 
 
+def render_new_weights(results: list[dict], configs: list[ContinualConfig]) -> str:
+    wanted = {config_key(c) for c in configs}
+    chosen = [r for r in results if config_key(ContinualConfig(**r["config"])) in wanted]
+    groups: dict[tuple, list[dict]] = {}
+    for result in chosen:
+        c = result["config"]
+        groups.setdefault((c["density"], c["init"], c["new_weights"]), []).append(result)
+    rows = []
+    for (density, init, new_weights), members in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+        task = mean_std([m["metrics"]["task"]["average_accuracy"] for m in members])
+        every = mean_std([m["metrics"]["all"]["average_accuracy"] for m in members])
+        rows.append([f"{100 * (1 - density):.0f}%", init, new_weights, len(members), pct(task), pct(every)])
+    return markdown_table(["sparsity", "init", "new weights", "seeds", "avg acc, task scoring (%)",
+                           "avg acc, all logits (%)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="grid,plain,cifar")
+    parser.add_argument("--parts", default="grid,plain,cifar,newweights")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per task (grid)")
     parser.add_argument("--cifar-epochs", type=int, default=5)
@@ -172,6 +191,19 @@ def main() -> None:
         timings["cifar"] = time.perf_counter() - started
         sections.append(f"## Split CIFAR-10, small ResNet ({len(results)} runs, seed 0)\n\n"
                         + render_grid("cifar10", results, "Split CIFAR-10, ResNet"))
+    if "newweights" in parts:
+        base = ContinualConfig(backbone="mlp", epochs=args.epochs, growth="gradient")
+        configs = [replace(c, new_weights=w) for w in ("zero", "init")
+                   for c in grid_configs(base, INITS, ["gradient"], [0.1, 0.05], seeds, baselines=False)]
+        started = time.perf_counter()
+        # the "zero" runs are the grid's own cells (same settings), so only the "init" runs are new
+        results = list(read_results(OUT / "grid.jsonl").values()) + (
+            list(read_results(OUT / "newweights.jsonl").values()) if args.render_only else
+            run_grid("split-fashion-mnist", [c for c in configs if c.new_weights == "init"],
+                     OUT / "newweights.jsonl", workers=args.workers))
+        timings["newweights"] = time.perf_counter() - started
+        sections.append("## New-task weights: zero (reference) vs fresh initialisation, Split Fashion-MNIST\n\n"
+                        + render_new_weights(results, configs))
     (OUT / "results.md").write_text("\n\n".join(sections) + "\n")
     print("\n\n".join(sections))
     print("timings (s): " + json.dumps({k: round(v) for k, v in timings.items()}))

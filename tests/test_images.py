@@ -98,3 +98,14 @@ def test_benchmark_errors():
         load_benchmark("split-svhn")
     with pytest.raises(SparseTrainingError, match="needs --data"):
         load_benchmark("split-miniimagenet")
+
+
+def test_unreachable_package_index_is_a_clear_error(tmp_path, monkeypatch):
+    from sparseforge.assets import fetch_sdist
+    from sparseforge.errors import SparseforgeError
+
+    monkeypatch.setenv("SPARSEFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    with pytest.raises(SparseforgeError, match="could not reach the package index for bigbench"):
+        fetch_sdist("bigbench", "1.0.0")
+    assert not list(tmp_path.glob("sdists/*"))
