@@ -84,11 +84,14 @@ def findings(rows: list[dict]) -> list[str]:
 
 
 def render_grid(name: str, results: list[dict], title: str) -> str:
+    refused = [r for r in results if "refused" in r]
+    results = [r for r in results if "refused" not in r]
     rows = summarise(results)
     plot_grid(rows, OUT / f"{name}_grid.png", title, "task")
     plot_grid(rows, OUT / f"{name}_grid_all_logits.png", title + " (all-logits scoring)", "all")
     example = next((r for r in results if r["config"]["strategy"] == "dst"), None)
     parts = [grid_table(rows), "", *[f"- {line}" for line in findings(rows)]]
+    parts += [f"- refused before training: {ContinualConfig(**r['config']).label()}: {r['refused']}" for r in refused]
     if example:
         label = ContinualConfig(**example["config"]).label()
         plot_accuracy_matrix(example["accuracy"]["task"], OUT / f"{name}_accuracy_matrix.png",
@@ -135,7 +138,7 @@ def render_plain(results: list[dict]) -> str:
 
 def render_new_weights(results: list[dict], configs: list[ContinualConfig]) -> str:
     wanted = {config_key(c) for c in configs}
-    chosen = [r for r in results if config_key(ContinualConfig(**r["config"])) in wanted]
+    chosen = [r for r in results if "refused" not in r and config_key(ContinualConfig(**r["config"])) in wanted]
     groups: dict[tuple, list[dict]] = {}
     for result in chosen:
         c = result["config"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,10 +123,13 @@ def test_head_rows_belong_to_their_task_only():
 
 
 def test_too_many_tasks_for_the_free_capacity_is_refused_before_training():
-    tasks = TaskSubnetworks(mlp(hidden=8), 0.9, head="3", task_rows=[[0, 1], [2, 3]])
-    with pytest.raises(SparseTrainingError, match="exceed the network's free capacity: layer '1'"):
-        tasks.check_capacity(5)
-    tasks.check_capacity(2)
+    tasks = TaskSubnetworks(mlp(hidden=8), 0.7, head="3", task_rows=[[0, 1], [2, 3]])
+    assert tasks.new_share_of_last_task(1) == 1.0
+    assert tasks.new_share_of_last_task(3) == pytest.approx(0.3 ** 2)
+    with pytest.raises(SparseTrainingError, match="exceed the network's free capacity: the last task could train "
+                                                  "only 0.24% of its sub-network"):
+        tasks.check_capacity(6)
+    tasks.check_capacity(4)
 
 
 def test_metrics_from_an_accuracy_matrix():
@@ -189,15 +193,19 @@ def test_grid_resumes_and_summarises(tmp_path, monkeypatch):
     monkeypatch.setattr(grid, "load_benchmark", lambda name, tasks, data: split_benchmark(synthetic_dataset(), 2))
     configs = grid_configs(tiny_config(epochs=1), ["uniform"], ["random"], [0.3], [0, 1])
     path = tmp_path / "grid.jsonl"
-    first = run_grid("synthetic", configs[:1], path, progress=False)
+    first = run_grid("split-fashion-mnist", configs[:1], path, progress=False)
     path.write_text(path.read_text() + '{"config": {"strat')  # an interrupted write
     calls = []
     original = grid._run_one
     monkeypatch.setattr(grid, "_run_one", lambda config: calls.append(config) or original(config))
-    results = run_grid("synthetic", configs, path, progress=False)
+    results = run_grid("split-fashion-mnist", configs, path, progress=False)
     assert len(calls) == len(configs) - 1
     assert results[0]["accuracy"] == first[0]["accuracy"]
     assert len(read_results(path)) == len(configs)
     rows = {row["label"]: row for row in summarise(results)}
     assert rows["dst uniform random d=0.3"]["seeds"] == 2
+    starved = replace(configs[0], density=0.9)
+    mixed = run_grid("split-fashion-mnist", [starved, configs[0]], path, progress=False)
+    assert "exceed the network's free capacity" in mixed[0]["refused"] and mixed[1] == results[0]
+    assert len(summarise(mixed)) == 1
     assert json.dumps(rows)

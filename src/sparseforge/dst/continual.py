@@ -238,5 +238,6 @@ def run_continual(benchmark: SplitBenchmark, config: ContinualConfig, progress: 
         result["overlap"] = subnetworks.overlap_matrix()
         result["used_fraction"] = subnetworks.used_fraction()
         result["layer_densities"] = subnetworks.densities
+        result["frozen_after_first_task"] = subnetworks.dense_layers()
     return result
 

@@ -1,5 +1,8 @@
 """A grid of continual-learning runs (initialisation x growth x density x seed, plus baselines), resumable.
 
+Every cell is checked before anything trains; a cell the harness refuses (too little free capacity, say) is returned
+as ``{"config": ..., "refused": reason}`` and the rest of the grid runs.
+
 Each finished run is appended as one JSON line to the results file, so an interrupted grid resumes where it stopped
 (a half-written last line is ignored). Runs are independent, so ``workers`` processes run them in parallel, each
 with its own torch threads; every worker loads the benchmark once.
@@ -19,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchmarks import load_benchmark
-from .continual import ContinualConfig, run_continual
+from ..errors import SparseTrainingError
+from .continual import ContinualConfig, preflight, run_continual
 from .metrics import continual_metrics
 
 
@@ -71,7 +75,15 @@ def run_grid(benchmark: str, configs: list[ContinualConfig], results_path: str |
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_results(path)
-    todo = [c for c in configs if config_key(c) not in done]
+    todo = []
+    for config in configs:
+        if config_key(config) in done:
+            continue
+        try:  # a cell the harness would refuse (capacity, split) is reported, not allowed to stop the whole grid
+            preflight(benchmark, config, tasks, data)
+            todo.append(config)
+        except SparseTrainingError as exc:
+            done[config_key(config)] = {"config": asdict(config), "refused": str(exc)}
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc=f"grid on {benchmark}", unit="run",
                disable=not progress)
@@ -105,9 +117,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """One row per configuration without its seed: mean and sample std over seeds of the headline metrics."""
+    """One row per configuration without its seed: mean and sample std over seeds of the headline metrics.
+    Refused cells (``"refused"`` instead of results) are left out."""
     groups: dict[str, list[dict]] = {}
     for result in results:
+        if "refused" in result:
+            continue
         config = ContinualConfig(**result["config"])
         groups.setdefault(config_key(replace(config, seed=0)), []).append(result)
     rows = []
