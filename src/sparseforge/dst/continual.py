@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from ..errors import SparseTrainingError
 from .backbones import BACKBONES, build_backbone
-from .benchmarks import SplitBenchmark, Task, augment_batch, benchmark_spec, split_classes
+from .benchmarks import SplitBenchmark, Task, benchmark_spec, split_classes
 from .engine import DSTConfig, DynamicSparsity
+from .fit import fit_classifier, total_steps
 from .masks import check_density, sparse_targets
 from .metrics import continual_metrics
 from .rules import DROP_RULES, GROWTH_RULES, check_rule
@@ -112,38 +113,17 @@ def task_accuracy(model: nn.Module, task: Task, scoring: str) -> float:
 def train_task(model: nn.Module, task: Task, config: ContinualConfig, augment: bool, keepers: dict | None,
                modules: dict | None, progress) -> dict:
     """Train ``model`` on one task (its slice of the head); with ``keepers``, DST rewires the task's mask."""
-    generator = torch.Generator().manual_seed(config.seed * 7919 + task.index)
-    steps_per_epoch = -(-len(task.train_labels) // config.batch)
-    total = steps_per_epoch * config.epochs
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, (3 * total) // 4], 0.1)
-    engine = None
-    if keepers is not None:
-        engine = DynamicSparsity.over(modules, keepers, config.dst_config(total))
-        engine.attach(optimizer)
-    classes = torch.tensor(task.classes)
-    local = task.local(task.train_labels)
-    losses = []
-    model.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(local), generator=generator)
-        for start in range(0, len(order), config.batch):
-            batch = order[start:start + config.batch]
-            images = task.train_images[batch]
-            if augment:
-                images = augment_batch(images, generator)
-            loss = nn.functional.cross_entropy(model(images)[:, classes], local[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        progress.update(1)
+    total = total_steps(len(task.train_labels), config.batch, config.epochs)
+    engine = DynamicSparsity.over(modules, keepers, config.dst_config(total)) if keepers is not None else None
+    losses = fit_classifier(model, task.train_images, task.local(task.train_labels), config.epochs, config.batch,
+                            config.lr, torch.Generator().manual_seed(config.seed * 7919 + task.index), augment,
+                            columns=torch.tensor(task.classes), on_optimizer=engine.attach if engine else None,
+                            on_epoch=lambda: progress.update(1))
     if engine is not None:
         engine.detach()
-    rewired = sum(sum(r.rewired.values()) for r in engine.history) if engine else 0
-    return {"steps": total, "final_loss": sum(losses[-20:]) / len(losses[-20:]), "updates": len(engine.history)
-            if engine else 0, "rewired": rewired}
+    return {"steps": total, "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "updates": len(engine.history) if engine else 0,
+            "rewired": sum(sum(r.rewired.values()) for r in engine.history) if engine else 0}
 
 
 class _Evaluator:

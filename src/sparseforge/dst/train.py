@@ -1,7 +1,6 @@
 """Plain (single-task) sparse training from scratch of an image classifier: what ``sparseforge dst`` runs.
 
-Adam with the learning rate x0.1 at 50% and 75% of the steps, like the continual harness, so the two are
-comparable. ``method="dense"`` trains the same network without masks, the reference a sparse run is judged by.
+The training loop is the continual harness's own (``fit.py``), so the two are comparable. ``method="dense"`` trains the same network without masks, the reference a sparse run is judged by.
 """
 
 from __future__ import annotations
@@ -10,14 +9,15 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.images import ImageDataset
 from ..errors import SparseTrainingError
 from .backbones import BACKBONES, build_backbone
-from .benchmarks import augment_batch, split_benchmark
+from .benchmarks import split_benchmark
+from .continual import task_accuracy
 from .engine import METHODS, DSTConfig, DynamicSparsity
+from .fit import fit_classifier, total_steps
 
 DENSE = "dense"
 
@@ -59,32 +59,18 @@ def train_sparse_classifier(dataset: ImageDataset, config: SparseTrainConfig, au
     torch.manual_seed(config.seed)
     data = split_benchmark(dataset, 1, augment).tasks[0]
     model = build_backbone(config.backbone, tuple(data.train_images.shape[1:]), dataset.num_classes)
-    steps_per_epoch = -(-len(data.train_labels) // config.batch)
-    total = steps_per_epoch * config.epochs
+    total = total_steps(len(data.train_labels), config.batch, config.epochs)
     dst = config.dst_config(total)
     engine = DynamicSparsity.install(model, dst) if dst else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    if engine:
-        engine.attach(optimizer)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, (3 * total) // 4], 0.1)
-    generator = torch.Generator().manual_seed(config.seed)
     started = time.perf_counter()
-    losses = []
-    for _ in tqdm(range(config.epochs), desc=f"{config.method} d={config.density:g}", unit="epoch",
-                  disable=not progress, leave=False):
-        model.train()
-        order = torch.randperm(len(data.train_labels), generator=generator)
-        for start in range(0, len(order), config.batch):
-            batch = order[start:start + config.batch]
-            images = augment_batch(data.train_images[batch], generator) if augment else data.train_images[batch]
-            loss = nn.functional.cross_entropy(model(images), data.train_labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+    bar = tqdm(total=config.epochs, desc=f"{config.method} d={config.density:g}", unit="epoch", disable=not progress,
+               leave=False)
+    losses = fit_classifier(model, data.train_images, data.train_labels, config.epochs, config.batch, config.lr,
+                            torch.Generator().manual_seed(config.seed), augment,
+                            on_optimizer=engine.attach if engine else None, on_epoch=lambda: bar.update(1))
+    bar.close()
     seconds = time.perf_counter() - started
-    accuracy = _accuracy(model, data.test_images, data.test_labels)
+    accuracy = task_accuracy(model, data, "all")
     result = {"config": asdict(config), "accuracy": accuracy, "seconds": seconds, "steps": total,
               "final_loss": sum(losses[-50:]) / len(losses[-50:]),
               "density": engine.density() if engine else 1.0,
@@ -95,10 +81,3 @@ def train_sparse_classifier(dataset: ImageDataset, config: SparseTrainConfig, au
         engine.release()
     return {"result": result, "model": model, "masks": masks}
 
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    correct = sum(int((model(images[s:s + batch]).argmax(1) == labels[s:s + batch]).sum())
-                  for s in range(0, len(labels), batch))
-    return correct / len(labels)
