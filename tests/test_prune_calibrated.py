@@ -114,9 +114,9 @@ def test_rank_deficient_calibration_still_prunes(tiny_llama):
 
 
 def test_shared_inputs_share_one_statistic(tiny):
-    from sparseforge.prune.sequential import _Blocks
+    from sparseforge.prune.sequential import BlockInputs
 
-    blocks = _Blocks(tiny, windows(4), 2, torch.device("cpu"))
+    blocks = BlockInputs(tiny, windows(4), 2, torch.device("cpu"))
     collector = blocks.calibrate(0, blocks.hidden, frozenset({"hessian"}))
     roles = {v.name: role for role, v in tiny.adapter.block_linears(0).items()}
     groups = [sorted(roles[n] for n in g) for g in collector.groups()]

@@ -64,3 +64,7 @@ class FactorizeError(SparseforgeError):
 
 class SparseTrainingError(SparseforgeError):
     """Bad settings for dynamic sparse training or continual learning (density, task split, capacity)."""
+
+
+class SearchError(SparseforgeError):
+    """Bad settings for the per-layer sparsity search (levels, target, cache budget, Ray address)."""

@@ -88,7 +88,7 @@ def digest(tensors: list[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-class _Blocks:
+class BlockInputs:
     """Captured block inputs in batches, and running one block over them (on the working device)."""
 
     def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
@@ -137,7 +137,7 @@ class _Blocks:
         release_freed_memory()
 
 
-def _owl_block_sparsities(blocks: _Blocks, hidden: torch.Tensor, plan: SequentialPlan,
+def _owl_block_sparsities(blocks: BlockInputs, hidden: torch.Tensor, plan: SequentialPlan,
                           progress: bool) -> tuple[list[float], list[float]]:
     """OWL's first pass: outlier ratios of Wanda scores, block by block on the dense model."""
     ratios = []
@@ -231,7 +231,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     device = device or next(handle.model.parameters()).device
     started = time.perf_counter()
     state = checkpoint.resume()
-    blocks = _Blocks(handle, windows, plan.batch_size, device)
+    blocks = BlockInputs(handle, windows, plan.batch_size, device)
     first = state["next_block"]
     for index in range(first):  # replay finished blocks from the checkpoint
         saved = checkpoint.block_tensors(index)
