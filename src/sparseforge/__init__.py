@@ -10,6 +10,7 @@ The Python API mirrors the command line::
     sf.finercut(dense, remove=0.25)                 # whole attention / FFN sub-layers removed, greedily
     sf.calibrate_skip(dense, target=0.25)           # FFN blocks skipped per token while decoding
     sf.factorize(other, experts=4, topk=1)          # FFNs split into routed experts (FactorLLM), trained
+    sf.search(dense, sf.SearchConfig(algorithm="evopress", target=0.7))   # per-block sparsity, searched
     sf.continual(sf.ContinualConfig(density=0.2, init="erk", growth="gradient"), "runs/cl", seeds=3)
     sf.DynamicSparsity.install(any_module, sf.DSTConfig(density=0.2, method="rigl")).attach(optimizer)
     sf.sparse_train_lm(sf.load_model("tiny-llama"), method="set", density=0.5, steps=200)   # DST of an LM
@@ -34,6 +35,7 @@ from .moe import factorize_model as factorize  # noqa: E402
 from .prune.pruner import prune  # noqa: E402
 from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
 from .retrain.recovery import retrain  # noqa: E402
+from .search import SearchConfig, run_search, search  # noqa: E402
 from .skip import calibrate_skip, generate  # noqa: E402
 from .structured import finercut, remove_blocks, shrink  # noqa: E402
 
@@ -73,7 +75,8 @@ def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, prog
     return _run(load_recipe(recipe) if isinstance(recipe, str) else recipe, out_dir, overwrite, progress)
 
 
-__all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Recipe", "SparseTrainConfig",
+__all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Recipe", "SearchConfig",
+           "SparseTrainConfig", "run_search", "search",
            "SparseforgeError", "calibrate_skip", "continual", "evaluate", "factorize", "finercut", "generate",
            "sparse_train_lm", "train_sparse",
            "load_model", "load_recipe",

@@ -522,6 +522,74 @@ def dst(
                         out_dir, None, device, overwrite, False, export_format=format)
 
 
+@app.command()
+def search(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    algorithm: str = typer.Option("nsga2", help="nsga2 (whole network, a front), evopress (one allocation at "
+                                                "--target), decompose (groups of blocks, combined by impairment)"),
+    pick: Optional[float] = typer.Option(None, help="average sparsity of the front point to export (default: "
+                                                    "--target)"),
+    target: Optional[float] = typer.Option(None, help="evopress: the average sparsity to search at; also marks OWL "
+                                                      "on the plot"),
+    method: str = typer.Option("wanda", help="one-shot method of every variant: magnitude, wanda, sparsegpt"),
+    pattern: str = typer.Option("unstructured", help="unstructured, or an N:M family such as nm:8 (levels pick N)"),
+    levels: str = typer.Option("0.3:0.9:0.05", help="per-block sparsity levels: lo:hi:step or a,b,c"),
+    windows: int = typer.Option(8, help="calibration windows scored by the KL objective"),
+    search_seqlen: int = typer.Option(128, help="their length in tokens"),
+    population: int = typer.Option(16, help="NSGA-II population (also each group's, with decompose)"),
+    generations: int = typer.Option(12, help="generations (NSGA-II, EvoPress)"),
+    groups: int = typer.Option(5, help="decompose: groups of consecutive blocks"),
+    gpir_points: int = typer.Option(10, help="decompose: front points per group measured in the full model"),
+    offspring: int = typer.Option(16, help="evopress: children per generation"),
+    workers: int = typer.Option(0, help="0: evaluate serially here; N: on N Ray workers (a local Ray is started "
+                                        "unless --ray-address is given)"),
+    ray_address: Optional[str] = typer.Option(None, help="join a Ray cluster (host:port, ray://host:port or auto)"),
+    ray_timeout: float = typer.Option(10.0, help="seconds to wait for --ray-address before giving up"),
+    cache_dir: Optional[str] = typer.Option(None, help="where layer variants are cached (default "
+                                                       "$SPARSEFORGE_CACHE/search)"),
+    cache_budget: float = typer.Option(4.0, help="disk budget of the variant cache in GB (least recently used "
+                                                 "variants are evicted beyond it)"),
+    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    nsamples: int = typer.Option(32, help="calibration windows for the variants' statistics"),
+    seqlen: int = typer.Option(512, help="their length (and the evaluation window length)"),
+    seed: int = typer.Option(0, help="seed of the windows and the search"),
+    eval_windows: Optional[int] = typer.Option(None, help="at most this many perplexity windows (default all)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
+    format: str = typer.Option("auto", help="export format (auto, dense, bitmask, nm)"),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-search-...)"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+) -> None:
+    """Search per-block sparsity levels for the best quality at each size, and export the model at one point.
+
+    Every block is pruned at every level once (cached within --cache-budget); a candidate is then only a swap of
+    tensors, scored by its KL divergence from the dense model. The run directory holds the Pareto front
+    (report.md, report.json with each point's per-block sparsities, search_front.png with uniform and OWL on the
+    same axes) and the model pruned at --pick. Evaluations are memoised: the same search run again (another
+    --pick, or after an interruption) replays instead of recomputing.
+    """
+    stage = {"search": {"algorithm": algorithm, "pick": pick, "target": target, "method": method,
+                        "pattern": pattern, "levels": levels, "windows": windows, "seqlen": search_seqlen,
+                        "population": population, "generations": generations, "groups": groups,
+                        "group_generations": generations, "gpir_points": gpir_points, "offspring": offspring,
+                        "workers": workers, "ray_address": ray_address, "ray_timeout": ray_timeout,
+                        "cache_dir": cache_dir, "cache_budget_gb": cache_budget}}
+    chosen = pick if pick is not None else target
+    out_dir = out_dir or _run_directory(model, f"search-{algorithm}" + (f"-{chosen:g}" if chosen is not None else ""))
+    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+                    ppl, eval_windows, False, out_dir, None, device, overwrite, False, export_format=format)
+    report = json.loads((Path(out_dir) / "report.json").read_text())
+    found = next(s for s in report["stages"] if s.get("stage") == "search")
+    table = Table(title=f"{found['algorithm']} front: KL to dense vs average sparsity")
+    for column in ("average sparsity", "KL to dense", "uniform at that sparsity"):
+        table.add_column(column, justify="right")
+    uniform = {round(p["average_sparsity"], 6): p["kl"] for p in found["uniform"]}
+    for point in found["front"]:
+        same = uniform.get(round(point["average_sparsity"], 6))
+        table.add_row(f"{point['average_sparsity']:.4f}", f"{point['kl']:.4f}", "-" if same is None else f"{same:.4f}")
+    out.print(table)
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help=MODEL_HELP),

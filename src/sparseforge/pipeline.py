@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from .dst.lm import check_dense, sparse_train_lm
 from .moe import check_factorize_request, factorize_model
 from .recipe import Recipe
 from .retrain.recovery import retrain
+from .search import search
+from .search.api import check_unpruned
 from .skip import calibrate_skip
 from .skip.calibrate import check_skip_request
 from .structured import finercut, remove_blocks, shrink
@@ -114,9 +117,16 @@ def _run_dst(handle: LoadedModel, config: BaseModel, context: StageContext) -> N
     sparse_train_lm(handle, data=data.calibration, seed=data.seed, progress=context.progress, **config.model_dump())
 
 
+def _run_search(handle: LoadedModel, config: BaseModel, context: StageContext) -> None:
+    data = context.recipe.data
+    search(handle, config.config(data.seed), pick=config.pick, calibration=data.calibration, nsamples=data.nsamples,
+           seqlen=data.seqlen, seed=data.seed, log=lambda message: print(message, file=sys.stderr),
+           progress=context.progress)
+
+
 STAGE_RUNNERS: dict[str, Callable[[LoadedModel, BaseModel, StageContext], None]] = {
     "prune": _run_prune, "retrain": _run_retrain, "shrink": _run_shrink, "finercut": _run_finercut,
-    "skip": _run_skip, "factorize": _run_factorize, "dst": _run_dst}
+    "skip": _run_skip, "factorize": _run_factorize, "dst": _run_dst, "search": _run_search}
 
 
 def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
@@ -138,6 +148,9 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
             check_factorize_request(handle, config.experts, config.topk, config.partition, config.shared_expert)
         elif stage.kind == "dst":
             check_dense(handle)
+        elif stage.kind == "search":
+            check_unpruned(handle)
+            stage.config.config(recipe.data.seed).check(handle)
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ DIVERGENCE_PLOT = "finercut_divergence.png"
 STRUCTURAL_STAGES = ("shrink", "finercut")
 SKIP_PLOT = "skip_profile.png"
 EXPERTS_PLOT = "expert_usage.png"
+SEARCH_PLOT = "search_front.png"
 
 
 def peak_memory_mb() -> float:
@@ -222,6 +223,35 @@ def _dst_lines(stage: dict) -> list[str]:
             f"- loss {stage['loss_first']} -> {stage['loss_last']}"]
 
 
+def _search_lines(stage: dict) -> list[str]:
+    """The search: its cost, its front next to the uniform allocations, OWL, and the point kept."""
+    counts = stage["evaluations"]
+    objective = stage["objective"]
+    cache = stage["cache"]
+    lines = [f"- objective: {objective['quality']} on {objective['windows']} windows x {objective['seqlen']} tokens; "
+             f"size: {objective['size']}",
+             f"- {counts['full_model_evaluations']} full-model evaluations ({counts['full_model_tokens']:,} tokens), "
+             f"by kind {counts['by_kind']}; {stage['seconds']:.0f} s in all"
+             + (f", {stage['workers']} Ray workers" if stage.get("workers") else ", serial"),
+             f"- variant cache {cache['directory']}: {cache['used_bytes'] / 2**20:.1f} MB of "
+             f"{cache['budget_bytes'] / 2**20:.0f} MB, {cache['evicted']} evicted", ""]
+    uniform = {round(p["average_sparsity"], 6): p["kl"] for p in stage["uniform"]}
+    lines += ["| average sparsity | KL to dense | uniform at the same sparsity | per-block sparsities |",
+              "|---|---|---|---|"]
+    for point in stage["front"]:
+        same = uniform.get(round(point["average_sparsity"], 6))
+        lines.append(f"| {point['average_sparsity']:.4f} | {point['kl']:.4f} | {'-' if same is None else f'{same:.4f}'}"
+                     f" | {' '.join(f'{s:.2f}' for s in point['sparsities'])} |")
+    if stage.get("owl"):
+        owl = stage["owl"]
+        lines += ["", f"- OWL at {owl['average_sparsity']:.4f} (M={owl['m']:g}, lambda={owl['lam']:g}): KL {owl['kl']:.4f}"]
+    picked = stage.get("picked")
+    if picked:
+        lines.append(f"- kept: the point at average sparsity {picked['average_sparsity']:.4f} (asked for "
+                     f"{picked['target']:g}), KL {picked['kl']:.4f}")
+    return lines + ["", f"![Pareto front]({SEARCH_PLOT})"]
+
+
 def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
@@ -242,6 +272,10 @@ def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
             continue
         if stage.get("stage") == "dst":
             lines += ["", f"## Stage {index}: dynamic sparse training ({stage['method']})", ""] + _dst_lines(stage)
+            continue
+        if stage.get("stage") == "search":
+            lines += ["", f"## Stage {index}: sparsity search ({stage['algorithm']}, "
+                          f"{stage['settings']['method']} {stage['settings']['pattern']})", ""] + _search_lines(stage)
             continue
         title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
         lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]
@@ -404,6 +438,19 @@ def _plot_experts(directory: Path, report: dict) -> None:
                           f"{usage['settings']}")
 
 
+def _plot_search(directory: Path, report: dict) -> None:
+    from ..search.plots import plot_fronts
+
+    searches = [s for s in report.get("stages") or [] if s.get("stage") == "search"]
+    if searches:
+        last = searches[-1]
+        evopress = last["algorithm"] == "evopress"
+        plot_fronts({} if evopress else {last["algorithm"]: last["front"]}, last["uniform"],
+                    [last["owl"]] if last.get("owl") else [], last["front"] if evopress else [],
+                    directory / SEARCH_PLOT, f"{report['model']['source']}: {last['algorithm']} "
+                                             f"({last['settings']['method']})")
+
+
 def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     directory = Path(directory)
     (directory / "report.json").write_text(json.dumps(report, indent=1))
@@ -418,4 +465,5 @@ def write_report(directory: Path, report: dict, recipe_yaml: str) -> None:
     _plot_structure(directory, report)
     _plot_skip(directory, report)
     _plot_experts(directory, report)
+    _plot_search(directory, report)
     (directory / "report.md").write_text(render_markdown(report, recipe_yaml))

@@ -31,6 +31,7 @@ from .decompose import decompose
 from .evopress import evopress
 from .front import non_dominated, pick_point
 from .nsga import nsga2_front
+from .quality import QualityMeter
 from .runner import Evaluations, MeterSpec, RayBackend, Request, SerialBackend, _probe
 from .space import SearchSpace, parse_levels
 
@@ -114,19 +115,26 @@ class SearchConfig:
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_unpruned(handle: LoadedModel) -> None:
+    """The bank prunes from the weights it is given: a pruned model would be pruned twice, its masks overwritten."""
+    if handle.masks:
+        raise SearchError(f"{handle.source} is already pruned; the sparsity search starts from a dense model (put "
+                          "the search stage before any prune stage)")
+
+
 def _fidelities(config: SearchConfig) -> dict[str, int]:
     sizes = {config.windows} | ({s[0] for s in config.stages} if config.algorithm == "evopress" else set())
     return {f"w{n}": n for n in sorted(sizes)}
 
 
-def run_search(handle: LoadedModel, config: SearchConfig, calibration: str | torch.Tensor = "default",
-               nsamples: int = 32, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
-               progress: bool = True) -> tuple[dict, "MeterSpec", "object"]:
-    """Search; returns (result, spec, meter) where the meter's bank can commit any allocation to ``handle``."""
+def prepare(handle: LoadedModel, config: SearchConfig, calibration: str | torch.Tensor = "default",
+            nsamples: int = 32, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
+            progress: bool = True) -> tuple[SearchSpace, MeterSpec, QualityMeter]:
+    """Check the settings, draw the windows, and build (or reuse) the variant bank and this process's meter."""
+    check_unpruned(handle)
     space = config.check(handle)
     if config.ray_address:
         _probe(config.ray_address, config.ray_timeout)  # before minutes of calibration, not after
-    started = time.perf_counter()
     method = get_method(config.method)
     stats_windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     if torch.is_tensor(calibration):
@@ -141,8 +149,17 @@ def run_search(handle: LoadedModel, config: SearchConfig, calibration: str | tor
                      str(Path(config.cache_dir) if config.cache_dir else default_cache_root() / "search"),
                      int(config.cache_budget_gb * 2**30))
     meter = spec.build(writable=True, log=log, progress=progress)
-    bank = meter.bank
-    bank.precompute()
+    meter.bank.precompute()
+    return space, spec, meter
+
+
+def run_search(handle: LoadedModel, config: SearchConfig, calibration: str | torch.Tensor = "default",
+               nsamples: int = 32, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
+               progress: bool = True) -> tuple[dict, MeterSpec, QualityMeter]:
+    """Search; returns (result, spec, meter) where the meter's bank can commit any allocation to ``handle``."""
+    started = time.perf_counter()
+    space, spec, meter = prepare(handle, config, calibration, nsamples, seqlen, seed, log, progress)
+    bank, fidelities, stats_windows = meter.bank, spec.fidelities, spec.calibration
     memo_dir = bank.directory / "evaluations"
     memo_dir.mkdir(exist_ok=True)
     backend = RayBackend(spec, config.workers, config.ray_address, config.ray_timeout) if config.workers \
@@ -229,8 +246,7 @@ def search(handle: LoadedModel, config: SearchConfig | dict | None = None, pick:
     chosen_target = pick if pick is not None else config.target
     if chosen_target is None:
         raise SearchError("say which point of the front to keep: give pick (an average sparsity) or a target")
-    if not 0 <= chosen_target < 1:
-        raise SearchError(f"pick {chosen_target:g} is outside [0, 1)")
+    config.check(handle).check_target(chosen_target)  # a pick outside the levels is refused before the search
     result, _, meter = run_search(handle, config, calibration, nsamples, seqlen, seed, log, progress)
     picked = pick_point(result["front"], chosen_target)
     meter.bank.commit(picked["sparsities"])

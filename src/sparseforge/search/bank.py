@@ -132,6 +132,9 @@ class VariantBank:
         needs = self.method.needs or frozenset({"norms"})  # OWL's outlier ratios need the norms even for magnitude
         for index in tqdm(range(adapter.num_blocks), desc="calibration statistics (dense)", unit="block",
                           disable=not self.progress):
+            if index not in missing:  # saved before an interruption: only its outputs are needed
+                hidden = blocks.run(index, hidden)
+                continue
             collector = blocks.calibrate(index, hidden, needs)
             groups = collector.groups()
             tensors = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,29 @@ def _probe(address: str, timeout: float) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except OSError as exc:
-        raise SearchError(f"cannot reach the Ray cluster at {address} within {timeout:g} s ({exc.strerror or exc}); "
+        raise SearchError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc} within {timeout:g} s); "
                           "check the address, or leave out --ray-address to run locally") from None
+
+
+def _connect(ray, address: str, timeout: float) -> None:
+    """``ray.init(address)`` within ``timeout`` seconds: something that accepts TCP but is not Ray (or a cluster
+    that never answers) would otherwise keep it retrying for minutes."""
+    outcome: dict = {}
+
+    def attempt() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False)
+            outcome["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported below as one line
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=attempt, daemon=True, name="ray-connect")
+    thread.start()
+    thread.join(timeout)
+    if "ok" not in outcome:
+        reason = outcome.get("error") or f"no answer within {timeout:g} s"
+        raise SearchError(f"cannot reach the Ray cluster at {address} ({str(reason).splitlines()[0][:200]}); check "
+                          "the address, or leave out --ray-address to run locally")
 
 
 class RayBackend:
@@ -112,13 +134,10 @@ class RayBackend:
         import ray
 
         if not ray.is_initialized():
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-            except ConnectionError as exc:
-                raise SearchError(f"cannot connect to Ray at {address}: {exc}") from None
+            if address:
+                _connect(ray, address, timeout)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         self.ray = ray
         threads = max(1, torch.get_num_threads() // workers)
         actor = ray.remote(num_cpus=1)(_Worker)

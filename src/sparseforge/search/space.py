@@ -67,9 +67,8 @@ class SearchSpace:
     def average_sparsity(self, genome, units: range | None = None) -> float:
         """Parameter-weighted mean sparsity of the blocks in ``units`` (all by default) under ``genome``."""
         units = units if units is not None else range(self.num_units)
-        sizes = [self.unit_sizes[u] for u in units]
         values = self.sparsities(genome)
-        return sum(s * v for s, v in zip(sizes, values)) / sum(sizes)
+        return sum(self.unit_sizes[u] * values[u] for u in units) / sum(self.unit_sizes[u] for u in units)
 
     def check_target(self, target: float) -> float:
         lo, hi = self.levels[0], self.levels[-1]
