@@ -198,3 +198,20 @@ def test_continual_and_plain_dst_on_real_fashion_mnist(tmp_path):
     plain = train_sparse_classifier(dataset, SparseTrainConfig(method="rigl", density=0.2, epochs=1),
                                     progress=False)["result"]
     assert plain["density"] == pytest.approx(0.2, abs=1e-3) and plain["accuracy"] > 0.8
+
+
+def test_evopress_search_on_the_default_model_keeps_the_budget_and_beats_uniform(tmp_path):
+    """A short EvoPress run on the real model: exactly on budget, never worse than uniform on its own objective,
+    and the model pruned at the point found has that sparsity."""
+    from sparseforge.search import SearchConfig, search
+
+    model = sf.load_model("default")
+    config = SearchConfig(algorithm="evopress", levels="0.5,0.6,0.7", target=0.6, windows=2, seqlen=64,
+                          offspring=4, generations=2, stages=[[1, 2], [2, 1]], cache_dir=str(tmp_path / "cache"))
+    result = search(model, config, calibration="default", nsamples=4, seqlen=128, progress=False)
+    found = result["front"][0]
+    uniform = next(p for p in result["uniform"] if p["average_sparsity"] == pytest.approx(0.6))
+    assert found["average_sparsity"] == pytest.approx(0.6, abs=1e-9)
+    assert found["kl"] <= uniform["kl"]
+    assert sf.evaluate(model, perplexity=False)["sparsity"] == pytest.approx(0.6, abs=2e-3)
+    assert result["cache"]["used_bytes"] > 0 and result["evaluations"]["full_model_evaluations"] >= 3
