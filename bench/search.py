@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -242,8 +241,6 @@ def main() -> None:
     args = arguments()
     results, save = cached_results(args.out)
     if not args.render_only:
-        import torch
-
         import sparseforge as sf
 
         results["setup"] = print_setup(model=args.model, method=args.method, levels=args.levels,
@@ -261,7 +258,6 @@ def main() -> None:
                 print(f"== {part}", flush=True)
                 results["cells"][part] = run_part(args, handle, part, results["cells"])
                 save()
-        del torch
     text = render(args, results)
     (Path(args.out) / "results.md").write_text(text)
     print(text)

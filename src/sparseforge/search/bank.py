@@ -36,7 +36,7 @@ from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import NM, Pattern, parse_pattern
 from .cache import BudgetedStore
-from .space import DENSE, SearchSpace
+from .space import SearchSpace
 
 _NM_FAMILY = re.compile(r"^\s*nm\s*:\s*(\d+)\s*$")
 STATS_DIR = "statistics"
