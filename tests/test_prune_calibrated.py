@@ -241,15 +241,34 @@ def test_checkpoint_with_other_settings_is_refused(tmp_path, tiny_llama):
     assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
 
 
-def test_truncated_checkpoint_is_refused(tmp_path, tiny_llama):
+@pytest.mark.parametrize("damaged, damage", [("block_0000", "flip"), ("hidden_0001", "flip"),
+                                             ("hidden_0001", "truncate"), ("block_0000", "delete")])
+def test_damaged_checkpoint_is_recomputed_not_used(tmp_path, capfd, damaged, damage):
+    """A checkpoint file whose content no longer matches its SHA-256 is discarded and its block recomputed; the
+    result is bit-identical to an uninterrupted run."""
+    options = dict(method="sparsegpt", sparsity=0.6, calibration=windows(), batch_size=4, progress=False)
+    reference = load_model("tiny-llama")
+    prune(reference, **options)
     with pytest.raises(Interrupt):
-        prune(tiny_llama, method="wanda", sparsity=0.5, calibration=windows(), checkpoint_dir=tmp_path,
-              after_block=_interrupt_after(0), progress=False)
-    hidden = tmp_path / "hidden_0001.safetensors"
-    hidden.write_bytes(hidden.read_bytes()[:-10])
-    with pytest.raises(CorruptCheckpointError, match="truncated"):
-        prune(load_model("tiny-llama"), method="wanda", sparsity=0.5, calibration=windows(),
-              checkpoint_dir=tmp_path, progress=False)
+        prune(load_model("tiny-llama"), checkpoint_dir=tmp_path, after_block=_interrupt_after(0), **options)
+    path = tmp_path / f"{damaged}.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-10]))
+    else:
+        path.unlink()
+    resumed = load_model("tiny-llama")
+    prune(resumed, checkpoint_dir=tmp_path, **options)
+    expected_first = 0 if damaged.startswith("block") else 1
+    assert resumed.history[-1]["resumed_from_block"] == (expected_first or None)
+    if expected_first == 0:
+        assert "recomputing from block 0" in capfd.readouterr().err
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert all(torch.equal(reference.masks[k], resumed.masks[k]) for k in reference.masks)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

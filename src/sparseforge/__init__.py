@@ -24,26 +24,39 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .dst import ContinualConfig, DSTConfig, DynamicSparsity, SparseTrainConfig, continual  # noqa: E402
-from .dst import sparse_train_lm  # noqa: E402
-from .dst import train_sparse  # noqa: E402
-from .errors import SparseforgeError  # noqa: E402
-from .export.saving import save_model  # noqa: E402
-from .models.handle import LoadedModel  # noqa: E402
-from .models.loading import load_model  # noqa: E402
-from .moe import factorize_model as factorize  # noqa: E402
-from .prune.pruner import prune  # noqa: E402
-from .recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
-from .retrain.recovery import retrain  # noqa: E402
-from .search import SearchConfig, run_search, search  # noqa: E402
-from .skip import calibrate_skip, generate  # noqa: E402
-from .structured import finercut, remove_blocks, shrink  # noqa: E402
+import importlib
+
+# name -> (module, attribute). Resolved on first use (PEP 562), so ``import sparseforge`` and the command line start
+# without importing torch, transformers and every method package up front.
+_LAZY = {
+    "ContinualConfig": (".dst", "ContinualConfig"), "DSTConfig": (".dst", "DSTConfig"),
+    "DynamicSparsity": (".dst", "DynamicSparsity"), "SparseTrainConfig": (".dst", "SparseTrainConfig"),
+    "continual": (".dst", "continual"), "sparse_train_lm": (".dst", "sparse_train_lm"),
+    "train_sparse": (".dst", "train_sparse"), "SparseforgeError": (".errors", "SparseforgeError"),
+    "save_model": (".export.saving", "save_model"), "LoadedModel": (".models.handle", "LoadedModel"),
+    "load_model": (".models.loading", "load_model"), "factorize": (".moe", "factorize_model"),
+    "prune": (".prune.pruner", "prune"), "Recipe": (".recipe", "Recipe"), "load_recipe": (".recipe", "load_recipe"),
+    "parse_recipe": (".recipe", "parse_recipe"), "retrain": (".retrain.recovery", "retrain"),
+    "SearchConfig": (".search", "SearchConfig"), "run_search": (".search", "run_search"),
+    "search": (".search", "search"), "calibrate_skip": (".skip", "calibrate_skip"), "generate": (".skip", "generate"),
+    "finercut": (".structured", "finercut"), "remove_blocks": (".structured", "remove_blocks"),
+    "shrink": (".structured", "shrink"),
+}
 
 
-def evaluate(model: LoadedModel, perplexity: bool = True, speed: bool = False, data: str = "default",
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sparseforge' has no attribute '{name}'")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def evaluate(model: "LoadedModel", perplexity: bool = True, speed: bool = False, data: str = "default",
              seqlen: int = 512, windows: int | None = None, tasks: str | list[str] | None = None,
              qa: str | list[str] | None = None, limit: int | None = None, qa_prompt: str = "plain-5shot",
-             baseline: LoadedModel | None = None, progress: bool = True, **speed_options) -> dict:
+             baseline: "LoadedModel | None" = None, progress: bool = True, **speed_options) -> dict:
     """Measure ``model`` like ``sparseforge eval``: sparsity, parameters, and optionally perplexity (pinned protocol),
     zero-shot ``tasks`` and knowledge ``qa`` through lm-eval (``limit`` items each), and speed (``speed_options``:
     batch_size, prompt_len, new_tokens, repeats, threads).
@@ -68,9 +81,11 @@ def evaluate(model: LoadedModel, perplexity: bool = True, speed: bool = False, d
     return metrics
 
 
-def run_recipe(recipe: Recipe | str, out_dir: str, overwrite: bool = False, progress: bool = True) -> dict:
+def run_recipe(recipe: "Recipe | str", out_dir: str, overwrite: bool = False, progress: bool = True) -> dict:
     """Run a recipe (object or YAML path) into the run directory ``out_dir``; returns the report."""
     from .pipeline import run_recipe as _run
+
+    from .recipe import load_recipe
 
     return _run(load_recipe(recipe) if isinstance(recipe, str) else recipe, out_dir, overwrite, progress)
 

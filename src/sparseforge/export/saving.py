@@ -112,7 +112,7 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
             stored[f"{key}.{suffix}"] = part.cpu().contiguous()
         described[key] = {"encoding": enc_name, "shape": list(weight.shape), "transposed": transposed, **params}
     weights_file = DENSE_WEIGHTS if fmt == "dense" else PACKED_WEIGHTS
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="export") as tmp:
         save_file(stored, tmp / weights_file, metadata={"format": "pt"})
         config = copy.deepcopy(handle.model.config)
         config.dtype = target_dtype

