@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from sparseforge.errors import UnsupportedArchitectureError
+from sparseforge.models.loading import load_model
 from sparseforge.models.adapters import adapter_for, check_supported, supported_model_types
 
 
@@ -58,10 +59,10 @@ def test_tied_embeddings_are_detected(tiny):
 def test_running_blocks_on_captured_inputs_reproduces_the_model(tiny):
     adapter = tiny.adapter
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    hidden, kwargs = adapter.capture_block_inputs(ids)
+    hidden, kwargs = adapter.capture_inputs_per_block(ids)
     with torch.no_grad():
         for i in range(adapter.num_blocks):
-            hidden = adapter.run_block(i, hidden, kwargs)
+            hidden = adapter.run_block(i, hidden, kwargs[i])
         logits = adapter.lm_head()(adapter.final_norm()(hidden))
         reference = tiny.model(ids).logits
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
@@ -75,3 +76,23 @@ def test_unknown_architecture_names_supported_families():
     with pytest.raises(UnsupportedArchitectureError, match="mamba"):
         adapter_for(model)
     assert {"llama", "qwen2", "mistral", "gemma3_text", "opt", "gpt2"} <= set(supported_model_types())
+
+
+def test_tiny_gemma3_has_both_attention_kinds():
+    """Otherwise nothing below could see a block calibrated with another block's rotary base or mask."""
+    handle = load_model("tiny-gemma3")
+    assert set(handle.model.config.layer_types) == {"sliding_attention", "full_attention"}
+
+
+@pytest.mark.parametrize("batch, seqlen", [(2, 96)])  # longer than tiny-gemma3's 64-token sliding window
+def test_blocks_replayed_with_their_own_inputs_equal_the_full_model(tiny, batch, seqlen):
+    """Running the captured inputs block after block reproduces the model's own hidden states at every block."""
+    ids = torch.randint(3, 259, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tiny.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    hidden, per_block = tiny.adapter.capture_inputs_per_block(ids)
+    assert len(per_block) == tiny.adapter.num_blocks
+    for index in range(tiny.adapter.num_blocks):
+        torch.testing.assert_close(hidden, expected[index], rtol=0, atol=1e-5, msg=f"input of block {index}")
+        with torch.no_grad():
+            hidden = tiny.adapter.run_block(index, hidden, per_block[index])

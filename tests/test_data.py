@@ -96,3 +96,71 @@ def test_hub_dataset_failures_are_data_errors(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="cannot load dataset 'wikitext2'"):
         load_corpus("wikitext2", "evaluation")
+
+
+def _bos_adding(handle):
+    """Make a tiny model's tokenizer put BOS first when it encodes text, as Gemma's, Llama 3's and Mistral's do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = handle.tokenizer
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return handle
+
+
+def test_bos_policy_follows_the_tokenizer():
+    from sparseforge.data.windows import resolve_bos
+    from sparseforge.models.loading import load_model
+
+    plain = load_model("tiny-gemma3")
+    assert resolve_bos(plain.tokenizer, "auto") is None
+    assert resolve_bos(plain.tokenizer, "always") == 1
+    adding = _bos_adding(load_model("tiny-gemma3"))
+    assert resolve_bos(adding.tokenizer, "auto") == 1
+    assert resolve_bos(adding.tokenizer, "never") is None
+    with pytest.raises(DataError, match="unknown BOS policy"):
+        resolve_bos(adding.tokenizer, "sometimes")
+
+
+def test_windows_without_bos_are_unchanged_and_with_bos_hold_one_token_less_of_text():
+    ids = torch.arange(3, 1003)
+    assert torch.equal(evaluation_windows(ids, 100), ids.reshape(10, 100))
+    assert torch.equal(calibration_windows(ids, 50, 4, seed=3), calibration_windows(ids, 50, 4, seed=3, bos=None))
+    with_bos = evaluation_windows(ids, 100, bos=1)
+    assert with_bos.shape == (10, 100) and bool((with_bos[:, 0] == 1).all())
+    assert torch.equal(with_bos[:, 1:].reshape(-1), ids[:990])
+    drawn = calibration_windows(ids, 50, 4, seed=3, bos=1)
+    assert drawn.shape == (4, 50) and bool((drawn[:, 0] == 1).all()) and bool((drawn[:, 1:] > 2).all())
+
+
+def test_perplexity_of_a_bos_model_is_measured_with_bos_first(text_file):
+    """The protocol gives the perplexity of windows that start with BOS, computed by hand here, and says so."""
+    import math
+
+    from torch.nn import functional as F
+
+    from sparseforge.data.sources import load_corpus
+    from sparseforge.evaluation.suite import evaluate, prepare_evaluation
+    from sparseforge.models.loading import load_model
+
+    handle = _bos_adding(load_model("tiny-gemma3"))
+    windows, corpus = prepare_evaluation(handle, str(text_file), seqlen=32, max_windows=3)
+    measured = evaluate(handle, windows, corpus, progress=False)["perplexity"]
+    assert measured["bos"] == "first" and measured["bos_policy"] == "auto"
+    ids = tokenize_corpus(handle.tokenizer, load_corpus(str(text_file), "evaluation"))[:3 * 31].reshape(3, 31)
+    by_hand = torch.cat([torch.ones(3, 1, dtype=torch.long), ids], dim=1)
+    with torch.no_grad():
+        logits = handle.model(input_ids=by_hand).logits[:, :-1]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), by_hand[:, 1:].reshape(-1))
+    assert measured["perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    handle.bos = "never"
+    windows, corpus = prepare_evaluation(handle, str(text_file), seqlen=32, max_windows=3)
+    plain = evaluate(handle, windows, corpus, progress=False)["perplexity"]
+    assert plain["bos"] == "none" and plain["perplexity"] != pytest.approx(measured["perplexity"], rel=1e-6)
+
+
+@pytest.mark.integration
+def test_default_model_adds_no_bos_so_its_protocol_is_unchanged():
+    from sparseforge.data.windows import resolve_bos
+    from sparseforge.models.loading import load_model
+
+    assert resolve_bos(load_model("default").tokenizer, "auto") is None

@@ -41,10 +41,10 @@ def zero_output_columns(handle, index: int, kind: str, channels: list[int]) -> N
 
 def test_logits_from_hidden_reproduce_the_model(tiny):
     adapter = tiny.adapter
-    hidden, kwargs = adapter.capture_block_inputs(IDS)
+    hidden, kwargs = adapter.capture_inputs_per_block(IDS)
     with torch.no_grad():
         for index in range(adapter.num_blocks):
-            hidden = adapter.run_block(index, hidden, kwargs)
+            hidden = adapter.run_block(index, hidden, kwargs[index])
         assert torch.allclose(adapter.logits_from_hidden(hidden), logits(tiny), atol=1e-5)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import importlib
+import sys
+import types
 
 # name -> (module, attribute). Resolved on first use (PEP 562), so ``import sparseforge`` and the command line start
 # without importing torch, transformers and every method package up front.
@@ -42,6 +44,20 @@ _LAZY = {
     "finercut": (".structured", "finercut"), "remove_blocks": (".structured", "remove_blocks"),
     "shrink": (".structured", "shrink"),
 }
+
+
+class _PublicApi(types.ModuleType):
+    """Keeps the API's functions ahead of subpackages of the same name (``prune``, ``retrain``, ``search``): the
+    import system binds a subpackage as an attribute of its parent when it first loads it, which would otherwise
+    replace ``sparseforge.prune`` the function with ``sparseforge.prune`` the package."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _PublicApi
 
 
 def __getattr__(name: str):

@@ -33,6 +33,7 @@ console = Console(stderr=True)
 out = Console()
 
 DEVICE_HELP = "where the model computes: cpu, cuda, cuda:N, or auto (CUDA when present)"
+BOS_HELP = "BOS token first in every text window: auto (when the tokenizer adds one), always, never"
 MODEL_HELP = ("'default' (SmolLM2-135M-Instruct, offline), tiny-<family>, a Hugging Face Hub id, a local HF "
               "directory, a sparseforge run/export directory, or a .gguf file")
 
@@ -114,6 +115,7 @@ def prune(
     reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
                                               help="layer-wise reconstruction: after each block is pruned, train its "
                                                    "norms and a MaskLoRA for STEPS steps to match the dense block"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
@@ -131,7 +133,7 @@ def prune(
     recipe = parse_recipe({
         "model": model,
         "device": device,
-        "data": {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "data": {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos,
                  "evaluation": data, "eval_windows": eval_windows},
         "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
                               "allocation": allocation, "refine": refine, "order": order,
@@ -169,6 +171,7 @@ def retrain(
     format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
@@ -184,7 +187,7 @@ def retrain(
     recipe = parse_recipe({
         "model": model,
         "device": device,
-        "data": {"calibration": data, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows},
+        "data": {"calibration": data, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows, "bos": bos},
         "stages": [{"retrain": {"method": method, "params": [p.strip() for p in params.split(",") if p.strip()],
                                 "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps,
                                 "lr": lr, "batch": batch, "gradient_checkpointing": gradient_checkpointing,
@@ -242,6 +245,7 @@ def shrink(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
@@ -253,7 +257,7 @@ def shrink(
     stage = {"shrink": {"ffn": _ratios(ffn, "ffn"), "heads": _ratios(heads, "heads"), "score": score,
                         "round_to": round_to, "head_unit": head_unit, "compensate": compensate}}
     out_dir = out_dir or _run_directory(model, "shrink")
-    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos},
                     ppl, eval_windows, speed, out_dir, dtype, device, overwrite, restart=False)
 
 
@@ -276,6 +280,7 @@ def finercut(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted search instead of resuming"),
@@ -287,7 +292,7 @@ def finercut(
     stage = {"finercut": {"remove": remove, "unit": unit, "distance": distance, "exclude": exclude,
                           "nsamples": nsamples, "seqlen": calib_seqlen}}
     out_dir = out_dir or _run_directory(model, "finercut")
-    _structural_run(model, stage, {"calibration": calibration, "seqlen": seqlen, "seed": seed}, ppl, eval_windows,
+    _structural_run(model, stage, {"calibration": calibration, "seqlen": seqlen, "seed": seed, "bos": bos}, ppl, eval_windows,
                     speed, out_dir, dtype, device, overwrite, restart)
 
 
@@ -316,6 +321,7 @@ def skip_calibrate(
                                                         "policy had generated it)"),
     speed: bool = typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
 ) -> None:
@@ -328,7 +334,7 @@ def skip_calibrate(
                       "cold_end": cold_end, "warmup": warmup, "nsamples": nsamples, "prompt_tokens": prompt_tokens,
                       "new_tokens": new_tokens}}
     out_dir = out_dir or _run_directory(model, f"skip{target:g}")
-    _structural_run(model, stage, {"calibration": calibration, "seed": seed}, ppl, eval_windows, speed, out_dir,
+    _structural_run(model, stage, {"calibration": calibration, "seed": seed, "bos": bos}, ppl, eval_windows, speed, out_dir,
                     None, device, overwrite, restart=False)
 
 
@@ -358,6 +364,7 @@ def factorize(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
     eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted run instead of resuming"),
@@ -373,7 +380,7 @@ def factorize(
                            "expert_lr": expert_lr, "batch": batch, "seqlen": train_seqlen, "pa_weight": pa_weight,
                            "balance_weight": balance_weight, "lm_weight": lm_weight, "router_grad": router_grad}}
     out_dir = out_dir or _run_directory(model, f"{experts}e{topk}k")
-    _structural_run(model, stage, {"calibration": data, "seed": seed}, ppl, eval_windows, speed, out_dir, None,
+    _structural_run(model, stage, {"calibration": data, "seed": seed, "bos": bos}, ppl, eval_windows, speed, out_dir, None,
                     device, overwrite, restart)
 
 
@@ -395,8 +402,10 @@ def generate(
     from .models.loading import load_model
     from .skip import generate as skip_generate
     from .skip import install_policy, read_policy, uninstall_policy
+    from .skip.generation import check_sampling
     from .skip.policy import check_fingerprint
 
+    check_sampling(max_new_tokens, sample, temperature, top_p, seed)
     handle = load_model(model, device=device)
     if no_skip:
         uninstall_policy(handle)
@@ -488,6 +497,7 @@ def dst(
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
     eval_windows: Optional[int] = typer.Option(None, help="language models: at most this many perplexity windows"),
     format: str = typer.Option("auto", help="language models: export format (auto, dense, bitmask, nm)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help="language models: " + DEVICE_HELP),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-...)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -518,7 +528,7 @@ def dst(
         stage = {"dst": {"method": method, "density": density, "init": init, "from_scratch": from_scratch,
                          "steps": steps, "lr": lr, "batch": min(batch, 8), "seqlen": seqlen, "delta_t": delta_t,
                          "drop_fraction": drop_fraction, "stop_fraction": stop_fraction}}
-        _structural_run(model, stage, {"calibration": data or "default", "seed": seed}, True, eval_windows, False,
+        _structural_run(model, stage, {"calibration": data or "default", "seed": seed, "bos": bos}, True, eval_windows, False,
                         out_dir, None, device, overwrite, False, export_format=format)
 
 
@@ -556,6 +566,7 @@ def search(
     eval_windows: Optional[int] = typer.Option(None, help="at most this many perplexity windows (default all)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     format: str = typer.Option("auto", help="export format (auto, dense, bitmask, nm)"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-search-...)"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -576,7 +587,7 @@ def search(
                         "cache_dir": cache_dir, "cache_budget_gb": cache_budget}}
     chosen = pick if pick is not None else target
     out_dir = out_dir or _run_directory(model, f"search-{algorithm}" + (f"-{chosen:g}" if chosen is not None else ""))
-    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos},
                     ppl, eval_windows, False, out_dir, None, device, overwrite, False, export_format=format)
     report = json.loads((Path(out_dir) / "report.json").read_text())
     found = next(s for s in report["stages"] if s.get("stage") == "search")
@@ -615,10 +626,11 @@ def eval_command(
     out_dir: Optional[str] = typer.Option(None, "--out", help="write report.json and report.md into this directory"),
     overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
+    bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
 ) -> None:
     """Evaluate a model: perplexity, sparsity, zero-shot tasks, knowledge QA and speed, optionally next to a baseline."""
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_text, check_output_directory, check_output_file
     from .evaluation.session import EvalSettings, evaluate_session, write_eval_report
     from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
     from .models.loading import load_model
@@ -627,7 +639,11 @@ def eval_command(
                             tasks=parse_task_names(tasks, ZERO_SHOT_TASKS) if tasks else [],
                             qa=parse_task_names(qa, QA_TASKS) if qa else [], qa_prompt=qa_prompt, speed=speed,
                             speed_batch_size=batch_size, speed_prompt_tokens=prompt_tokens, speed_new_tokens=new_tokens,
-                            speed_repeats=repeats, speed_threads=threads)
+                            speed_repeats=repeats, speed_threads=threads, bos=bos)
+    if out_dir:  # output locations are checked before minutes of evaluation, not after
+        check_output_directory(out_dir, overwrite)
+    if json_out:
+        check_output_file(json_out)
     handle = load_model(model, dtype=dtype, device=device)
     reference = load_model(baseline, dtype=dtype, device=device) if baseline else None
     report = evaluate_session(handle, settings, reference)

@@ -213,6 +213,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrit
         with _timed(timings, "load_model"):
             handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
                                 device=recipe.device)
+        handle.bos = recipe.data.bos
         _preflight(handle, recipe)
         windows = corpus = None
         if recipe.evaluate.perplexity:

@@ -8,11 +8,12 @@ names the offending one. A stage is a one-key mapping (``- prune: {...}``); late
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.windows import BOS_POLICIES
 from .dtypes import DTYPES
 from .dst.engine import METHODS as DST_METHODS
 from .dst.masks import MASK_INITS
@@ -43,8 +44,27 @@ def _registered(value: str, registry: dict, what: str) -> str:
     return value
 
 
+def _is_number_annotation(annotation) -> bool:
+    """int, float, or an optional/union of them (``int | None``, ``float | list[float]``)."""
+    if annotation in (int, float):
+        return True
+    return any(_is_number_annotation(a) for a in get_args(annotation) if a is not type(None))
+
+
 class _Strict(BaseModel):
+    """Unknown keys are refused, and so is ``true``/``false`` where a number belongs (YAML's ``nsamples: true``
+    would otherwise be read as 1)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and _is_number_annotation(field.annotation):
+                    raise ValueError(f"'{name}' must be a number, got {str(data[name]).lower()}")
+        return data
 
 
 class DataConfig(_Strict):
@@ -52,7 +72,9 @@ class DataConfig(_Strict):
     evaluation: str = "default"
     seqlen: int = Field(512, ge=2, description="calibration window length (tokens)")
     nsamples: int = Field(64, ge=1, description="number of calibration windows")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the calibration windows (and of training order)")
+    bos: Literal[BOS_POLICIES] = Field("auto", description="BOS first in every window: auto (as the tokenizer "  # type: ignore[valid-type]
+                                       "does), always, never")
     eval_seqlen: int | None = Field(None, ge=2, description="evaluation window length; defaults to seqlen")
     eval_windows: int | None = Field(None, ge=1, description="cap on evaluation windows; default all")
 

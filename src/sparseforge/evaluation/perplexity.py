@@ -13,12 +13,15 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..data.windows import BOS_POLICY
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
-    """Return ``{"perplexity", "nll", "tokens", "windows", "seqlen", "bos": ...}`` for ``windows`` [n, seqlen]."""
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+               bos: str = "none") -> dict:
+    """Return ``{"perplexity", "nll", "tokens", "windows", "seqlen", "bos", "stride"}`` for ``windows`` [n, seqlen].
+
+    ``bos`` says whether the windows start with the BOS token (``first``: then it is given, never predicted, and
+    the first text token is predicted from it) or are plain slices of text (``none``)."""
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0
@@ -37,6 +40,6 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         "tokens": total_tokens,
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-        "bos": BOS_POLICY,
+        "bos": bos,
         "stride": int(windows.shape[1]),
     }

@@ -359,7 +359,8 @@ def render_markdown(report: dict, recipe_yaml: str) -> str:
     if protocol:
         lines += ["", f"Perplexity protocol: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} "
                       f"non-overlapping windows of {protocol['seqlen']} tokens ({protocol['tokens']:,} predicted "
-                      f"tokens), BOS policy '{protocol['bos']}', token-level exp(mean NLL)."]
+                      f"tokens), BOS {protocol['bos']} (policy '{protocol.get('bos_policy', 'auto')}'), token-level "
+                      "exp(mean NLL)."]
     speed = (report["metrics"].get("after") or {}).get("speed")
     if speed:
         lines += ["", speed_sentence(speed["setup"])]
@@ -396,7 +397,8 @@ def render_eval_markdown(report: dict) -> str:
     protocol = report["metrics"]["after"].get("perplexity")
     if protocol:
         lines += ["", f"Perplexity protocol: {protocol['dataset']} ({protocol['split']}), {protocol['windows']} "
-                      f"windows of {protocol['seqlen']} tokens, BOS policy '{protocol['bos']}', token-level."]
+                      f"windows of {protocol['seqlen']} tokens, BOS {protocol['bos']} "
+                      f"(policy '{protocol.get('bos_policy', 'auto')}'), token-level."]
     speed = report["metrics"]["after"].get("speed")
     if speed:
         lines += ["", speed_sentence(speed["setup"])]

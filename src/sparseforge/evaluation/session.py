@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_directory
+from ..errors import EvaluationError
 from ..models.handle import LoadedModel
 from .qa import DEFAULT_PROMPT
 from .report import peak_memory_mb, render_eval_markdown, versions
 from .runner import check_limit
 from .speed import compare_with_settings
-from .suite import evaluate, prepare_evaluation
+from .suite import check_window_length, evaluate, prepare_evaluation
 
 
 @dataclass
@@ -35,12 +36,40 @@ class EvalSettings:
     speed_new_tokens: int = 32
     speed_repeats: int = 3
     speed_threads: int | None = None
+    bos: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before anything is loaded or measured."""
+        from ..data.windows import BOS_POLICIES
+
+        at_least_one = {"windows": self.windows, "batch size": self.speed_batch_size,
+                        "prompt tokens": self.speed_prompt_tokens, "new tokens": self.speed_new_tokens,
+                        "repeats": self.speed_repeats, "threads": self.speed_threads}
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise EvaluationError(f"{name} must be at least 1, got {value}")
+        if self.seqlen < 2:
+            raise EvaluationError(f"seqlen must be at least 2, got {self.seqlen}")
+        if self.bos not in BOS_POLICIES:
+            raise EvaluationError(f"unknown BOS policy '{self.bos}'; use one of {', '.join(BOS_POLICIES)}")
+
+    def check_positions(self, handle: LoadedModel) -> None:
+        """Windows and the speed prompt plus its new tokens must fit the positions the model can encode."""
+        if self.perplexity:
+            check_window_length(handle, self.seqlen)
+        if self.speed:
+            check_window_length(handle, self.speed_prompt_tokens + self.speed_new_tokens,
+                                "the speed prompt plus its new tokens")
 
 
 def evaluate_session(handle: LoadedModel, settings: EvalSettings, baseline: LoadedModel | None = None,
                      progress: bool = True) -> dict:
     """Metrics of ``handle`` (and of ``baseline``, measured first) as a report dict."""
     check_limit(settings.limit)
+    for model in (handle, baseline):
+        if model is not None:
+            settings.check_positions(model)
+            model.bos = settings.bos
     timings = {}
     windows = corpus = None
     if settings.perplexity:

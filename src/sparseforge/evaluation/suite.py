@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from ..data.sources import load_corpus
-from ..data.windows import evaluation_windows, tokenize_corpus
+from ..data.windows import bos_label, evaluation_windows, tokenize_corpus
 from ..errors import DataError
 from ..models.handle import LoadedModel
 from .harness import lm_eval_model
@@ -19,11 +19,13 @@ from .stats import parameter_counts, sparsity_summary
 from .zeroshot import zero_shot
 
 
-def check_window_length(handle: LoadedModel, seqlen: int) -> None:
-    """Learned position embeddings (GPT-2, OPT) cannot go past their table; say so instead of crashing."""
-    limit = getattr(handle.model.config, "n_positions", None) or getattr(handle.model.config, "max_position_embeddings", None)
-    if handle.adapter.spec.position_embeddings and limit and seqlen > limit:
-        raise DataError(f"seqlen {seqlen} exceeds the {limit} positions this {handle.model_type} model can encode")
+def check_window_length(handle: LoadedModel, seqlen: int, what: str = "seqlen") -> None:
+    """Refuse, up front, windows longer than the positions the model was built for: learned position embeddings
+    (GPT-2, OPT) would crash past their table, rotary models would run for minutes on positions they never saw."""
+    limit = handle.position_limit
+    if limit and seqlen > limit:
+        raise DataError(f"{what} ({seqlen} tokens) exceeds the {limit} positions this {handle.model_type} model "
+                        "can encode")
 
 
 def prepare_evaluation(handle: LoadedModel, data: str = "default", seqlen: int = 512,
@@ -31,8 +33,10 @@ def prepare_evaluation(handle: LoadedModel, data: str = "default", seqlen: int =
     """Tokenised evaluation windows and the description of where they came from."""
     check_window_length(handle, seqlen)
     corpus = load_corpus(data, "evaluation")
-    windows = evaluation_windows(tokenize_corpus(handle.require_tokenizer("perplexity"), corpus), seqlen, max_windows)
-    return windows, corpus.describe()
+    bos = handle.window_bos("perplexity")
+    windows = evaluation_windows(tokenize_corpus(handle.require_tokenizer("perplexity"), corpus), seqlen, max_windows,
+                                 bos)
+    return windows, {**corpus.describe(), "bos": bos_label(bos), "bos_policy": handle.bos}
 
 
 def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: dict | None = None,
@@ -52,7 +56,7 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
         experts.reset_usage()
     if windows is not None:
         with skip.scoring("perplexity"):
-            metrics["perplexity"] = {**(corpus or {}), **perplexity(handle.model, windows, progress=progress)}
+            metrics["perplexity"] = {**perplexity(handle.model, windows, progress=progress), **(corpus or {})}
     if tasks or qa:
         lm = lm_eval_model(handle)
         if tasks:

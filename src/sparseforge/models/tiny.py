@@ -35,7 +35,9 @@ def _tiny_configs() -> dict[str, PretrainedConfig]:
         "llama": LlamaConfig(**_COMMON, tie_word_embeddings=True),
         "qwen2": Qwen2Config(**_COMMON),
         "mistral": MistralConfig(**_COMMON, sliding_window=None),
-        "gemma3": Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=64),
+        # both attention kinds (a sliding-window layer, then a full-attention one), as real Gemma 3 models alternate them
+        "gemma3": Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=64,
+                                   layer_types=["sliding_attention", "full_attention"]),
         "opt": OPTConfig(vocab_size=VOCAB_SIZE, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                          num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=1024,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2),

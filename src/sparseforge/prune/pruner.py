@@ -72,7 +72,8 @@ def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamp
             raise DataError(f"calibration windows must be a [nsamples, seqlen] tensor, got {tuple(calibration.shape)}")
         return calibration.long()
     corpus = load_corpus(calibration, "calibration")
-    return calibration_windows(tokenize_corpus(handle.require_tokenizer("calibration"), corpus), seqlen, nsamples, seed)
+    return calibration_windows(tokenize_corpus(handle.require_tokenizer("calibration"), corpus), seqlen, nsamples, seed,
+                               handle.window_bos("calibration"))
 
 
 def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,

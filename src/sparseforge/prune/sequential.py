@@ -71,13 +71,16 @@ class SequentialPlan:
         return self.method.needs | (frozenset({"norms", "moments"}) if self.refine == "dsnot" else frozenset())
 
 
-def _to(obj, device: torch.device):
+def _to(obj, device: torch.device, moved: dict[int, torch.Tensor]):
+    """``obj`` with its tensors on ``device``; a tensor shared between blocks is moved once (``moved`` by id)."""
     if torch.is_tensor(obj):
-        return obj.to(device)
+        if id(obj) not in moved:
+            moved[id(obj)] = obj.to(device)
+        return moved[id(obj)]
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return type(obj)(_to(o, device, moved) for o in obj)
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, moved) for k, v in obj.items()}
     return obj
 
 
@@ -90,39 +93,53 @@ def digest(tensors: list[torch.Tensor]) -> str:
 
 
 class BlockInputs:
-    """Captured block inputs in batches, and running one block over them (on the working device)."""
+    """Captured block inputs in batches, and running one block over them (on the working device).
+
+    Every block keeps the keyword arguments the model itself passes to it (see
+    :meth:`~sparseforge.models.adapters.base.ModelAdapter.capture_inputs_per_block`), per batch size.
+    """
 
     def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
         self.adapter = handle.adapter
         self.device = device
         self.batch_size = batch_size
-        self.kwargs: dict[int, dict] = {}
+        self.kwargs: dict[int, list[dict]] = {}  # batch size -> keyword arguments of each block
         self.ranges: list[tuple[int, int]] = []
         model_device = next(handle.model.parameters()).device
         hidden = []
+        moved: dict[int, torch.Tensor] = {}
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start:start + batch_size]
-            h, kwargs = self.adapter.capture_block_inputs(batch.to(model_device), 0)
-            self.kwargs.setdefault(batch.shape[0], _to(kwargs, device))
+            batch = windows[start:start + batch_size].to(model_device)
+            if batch.shape[0] not in self.kwargs:
+                h, per_block = self.adapter.capture_inputs_per_block(batch)
+                self.kwargs[batch.shape[0]] = _to(per_block, device, moved)
+            else:
+                h, _ = self.adapter.capture_block_inputs(batch, 0)
             hidden.append(h.to(device))
             self.ranges.append((start, start + batch.shape[0]))
         self.hidden = torch.cat(hidden)
         self.model_device = model_device
 
+    def kwargs_of(self, index: int) -> dict[int, dict]:
+        """Block ``index``'s keyword arguments by batch size."""
+        return {size: per_block[index] for size, per_block in self.kwargs.items()}
+
     def run(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run block ``index`` over all windows in batches, in place: each batch's output replaces its input."""
+        kwargs = self.kwargs_of(index)
         with torch.no_grad():
             for start, stop in self.ranges:
-                hidden[start:stop] = self.adapter.run_block(index, hidden[start:stop], self.kwargs[stop - start])
+                hidden[start:stop] = self.adapter.run_block(index, hidden[start:stop], kwargs[stop - start])
         return hidden
 
     def calibrate(self, index: int, hidden: torch.Tensor, needs: frozenset[str]) -> StatisticsCollector:
         """Gather the input statistics of block ``index``'s linears; the forward stops after the last linear's input."""
         views = {v.name: v for v in self.adapter.block_linears(index).values()}
+        kwargs = self.kwargs_of(index)
         with StatisticsCollector(views, needs, self.device) as collector, torch.no_grad():
             for start, stop in self.ranges:
                 try:
-                    self.adapter.run_block(index, hidden[start:stop], self.kwargs[stop - start])
+                    self.adapter.run_block(index, hidden[start:stop], kwargs[stop - start])
                 except AllInputsSeen:
                     pass
                 collector.end_of_batch()
@@ -294,7 +311,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 block.prune([name], None)
             blocks.run(index, hidden)
         elif plan.order == "sublayer":  # one pass: each linear is pruned the moment its (upstream-pruned) input arrives
-            owner = run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs, plan.needs,
+            owner = run_block_pruning_sublayers(adapter, index, hidden, blocks.ranges, blocks.kwargs_of(index), plan.needs,
                                                 device, block.prune, _hint(adapter, index, shared_roles))
             shared_roles = _shared_roles(adapter, index, owner)
         else:  # the reference's two passes: calibrate on the dense block, prune, then propagate
@@ -305,7 +322,8 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
             hidden = blocks.run(index, hidden)
         if plan.reconstruct is not None:
             before = block_mse(hidden, targets)  # hidden holds the pruned block's outputs here
-            record = reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs, plan.reconstruct)
+            record = reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs_of(index),
+                                      plan.reconstruct)
             hidden = blocks.run(index, inputs)
             record.update(mse_before=before, mse_after=block_mse(hidden, targets))
             reconstruction.append(record)

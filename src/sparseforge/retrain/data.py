@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.sources import load_corpus
-from ..data.windows import tokenize_corpus
+from ..data.windows import consecutive_windows, tokenize_corpus
 from ..errors import DataError
 from ..models.handle import LoadedModel
 
@@ -23,10 +23,10 @@ def training_windows(handle: LoadedModel, data: str | torch.Tensor, seqlen: int)
             raise DataError(f"training windows must be a [n, seqlen] tensor, got {tuple(data.shape)}")
         return data.long()
     ids = tokenize_corpus(handle.require_tokenizer("retraining"), load_corpus(data, "calibration"))
-    count = ids.numel() // seqlen
-    if count < 1:
+    windows = consecutive_windows(ids, seqlen, handle.window_bos("retraining"))
+    if windows.shape[0] < 1:
         raise DataError(f"training text has {ids.numel()} tokens, too few for one window of {seqlen} tokens")
-    return ids[: count * seqlen].reshape(count, seqlen)
+    return windows
 
 
 def batch_for_step(windows: torch.Tensor, step: int, batch: int, seed: int) -> torch.Tensor:

@@ -142,7 +142,8 @@ def prepare(handle: LoadedModel, config: SearchConfig, calibration: str | torch.
     else:
         corpus = load_corpus(calibration, "calibration")
         pool = calibration_windows(tokenize_corpus(handle.require_tokenizer("search"), corpus), config.seqlen,
-                                   config.windows, seed + 1)  # scored windows differ from the statistics' windows
+                                   config.windows, seed + 1,  # scored windows differ from the statistics' windows
+                                   handle.window_bos("search"))
     fidelities = {name: pool[:count] for name, count in _fidelities(config).items()}
     spec = MeterSpec(handle, space, method.name, config.pattern, config.per_row_for(method), {}, stats_windows,
                      fidelities, pool, config.batch_size,

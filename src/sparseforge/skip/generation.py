@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import SkipError
 from ..models.handle import LoadedModel
+
+
+def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, seed: int) -> None:
+    """Refuse settings that transformers would crash on or silently misread."""
+    if max_new_tokens < 1:
+        raise SkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= seed < 2**63:
+        raise SkipError(f"seed must be in [0, 2**63), got {seed}")
+    if do_sample:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise SkipError(f"temperature must be a positive number, got {temperature}")
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise SkipError(f"top-p must be in (0, 1], got {top_p}")
 
 
 def generate(handle: LoadedModel, prompts: str | list[str], max_new_tokens: int = 64, do_sample: bool = False,
@@ -16,8 +31,7 @@ def generate(handle: LoadedModel, prompts: str | list[str], max_new_tokens: int 
     """
     tokenizer = handle.require_tokenizer("generation")
     controller = handle.skip
-    if max_new_tokens < 1:
-        raise SkipError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens, do_sample, temperature, top_p, seed)
     if controller is not None and controller.policy.warmup >= max_new_tokens:
         raise SkipError(f"warm-up of {controller.policy.warmup} tokens is not shorter than the {max_new_tokens} "
                         "tokens to generate: the policy would never act")
@@ -31,6 +45,10 @@ def generate(handle: LoadedModel, prompts: str | list[str], max_new_tokens: int 
         batch = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
     finally:
         tokenizer.padding_side = previous_side
+    limit = handle.position_limit
+    if limit and batch["input_ids"].shape[1] + max_new_tokens > limit:
+        raise SkipError(f"the prompt ({batch['input_ids'].shape[1]} tokens) plus {max_new_tokens} new tokens exceeds "
+                        f"the {limit} positions this {handle.model_type} model can encode")
     device = next(handle.model.parameters()).device
     if controller is not None:
         controller.accounting.reset()

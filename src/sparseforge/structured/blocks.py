@@ -34,9 +34,9 @@ def block_similarities(adapter: ModelAdapter, windows: torch.Tensor, batch_size:
     for start in tqdm(range(0, len(windows), batch_size), desc="block similarity", disable=not progress,
                       unit="batch"):
         ids = windows[start:start + batch_size].to(device)
-        hidden, kwargs = adapter.capture_block_inputs(ids)
+        hidden, kwargs = adapter.capture_inputs_per_block(ids)
         for index in range(adapter.num_blocks):
-            output = adapter.run_block(index, hidden, kwargs)
+            output = adapter.run_block(index, hidden, kwargs[index])
             totals[index] += float(F.cosine_similarity(hidden.float(), output.float(), dim=-1).sum())
             hidden = output
         tokens += ids.numel()

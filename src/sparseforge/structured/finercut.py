@@ -96,7 +96,7 @@ class _Search:
         with torch.no_grad():
             self.reference = [Reference(metric, handle.model(input_ids=ids, use_cache=False).logits)
                               for ids in self.batches]
-        self.kwargs = [self.adapter.capture_block_inputs(ids)[1] for ids in self.batches]
+        self.kwargs = [self.adapter.capture_inputs_per_block(ids)[1] for ids in self.batches]  # [batch][block]
         self.inputs: list[list[torch.Tensor]] = []
 
     @torch.no_grad()
@@ -108,7 +108,7 @@ class _Search:
             per_block = []
             for index in range(self.adapter.num_blocks):
                 per_block.append(hidden)
-                hidden = self.adapter.run_block(index, hidden, kwargs)
+                hidden = self.adapter.run_block(index, hidden, kwargs[index])
             self.inputs.append(per_block)
 
     @torch.no_grad()
@@ -118,7 +118,7 @@ class _Search:
         for batch, kwargs in enumerate(self.kwargs):
             hidden = self.inputs[batch][start]
             for index in range(start, self.adapter.num_blocks):
-                hidden = self.adapter.run_block(index, hidden, kwargs)
+                hidden = self.adapter.run_block(index, hidden, kwargs[index])
             total += self.reference[batch].distance(self.adapter.logits_from_hidden(hidden))
         return total / len(self.kwargs)
 

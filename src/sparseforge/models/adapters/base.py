@@ -295,6 +295,45 @@ class ModelAdapter:
         kwargs["use_cache"] = False
         return captured["hidden"], kwargs
 
+    def capture_inputs_per_block(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """Block 0's hidden-state input and the keyword arguments the model passes to *each* block.
+
+        Models with per-layer attention types pass different arguments to different blocks: Gemma 3 gives its
+        sliding-window layers a local rotary base (10k) and a windowed mask, its full-attention layers the global
+        base (1M) and a causal mask. Replaying every block with block 0's arguments would calibrate the
+        full-attention layers at the wrong positions, so block-by-block replays use this. One forward pass, cut
+        short at the last block; arguments that the model shares between blocks stay shared objects.
+        """
+        captured: dict[str, Any] = {}
+        per_block: list[dict] = [{} for _ in range(self.num_blocks)]
+        last = self.num_blocks - 1
+
+        class _Stop(Exception):
+            pass
+
+        def hook_for(index: int):
+            def hook(module, args, kwargs):
+                if index == 0:
+                    captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+                per_block[index] = {k: v for k, v in without_cache(kwargs).items() if k != "hidden_states"}
+                per_block[index]["use_cache"] = False
+                if index == last:
+                    raise _Stop
+
+            return hook
+
+        handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True)
+                   for i, block in enumerate(self.blocks())]
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured["hidden"], per_block
+
     def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run block ``index`` on captured inputs and return its output hidden states."""
         out = self.blocks()[index](hidden, **kwargs)
