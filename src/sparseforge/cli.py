@@ -21,6 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import SparseforgeError
+from .data.windows import DEFAULT_EVAL_WINDOWS
 
 app = typer.Typer(
     help="Make LLMs smaller and faster through sparsity, with honest measurements.",
@@ -33,6 +34,8 @@ console = Console(stderr=True)
 out = Console()
 
 DEVICE_HELP = "where the model computes: cpu, cuda, cuda:N, or auto (CUDA when present)"
+MASKS_FROM_ZEROS_HELP = ("read the exact zeros of a dense checkpoint pruned elsewhere as its pruning masks (never "
+                         "done unasked: a de-quantised or shrunk model has zeros that are not a mask)")
 BOS_HELP = "BOS token first in every text window: auto (when the tokenizer adds one), always, never"
 MODEL_HELP = ("'default' (SmolLM2-135M-Instruct, offline), tiny-<family>, a Hugging Face Hub id, a local HF "
               "directory, a sparseforge run/export directory, or a .gguf file")
@@ -111,7 +114,7 @@ def prune(
     dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
                                               help="layer-wise reconstruction: after each block is pruned, train its "
                                                    "norms and a MaskLoRA for STEPS steps to match the dense block"),
@@ -170,11 +173,12 @@ def retrain(
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>)"),
     format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
     restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
+    masks_from_zeros: bool = typer.Option(False, "--masks-from-zeros", help=MASKS_FROM_ZEROS_HELP),
 ) -> None:
     """Recover a pruned model's quality by retraining, evaluate before and after, export it, and write a report.
 
@@ -187,6 +191,7 @@ def retrain(
     recipe = parse_recipe({
         "model": model,
         "device": device,
+        "masks_from_zeros": masks_from_zeros,
         "data": {"calibration": data, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows, "bos": bos},
         "stages": [{"retrain": {"method": method, "params": [p.strip() for p in params.split(",") if p.strip()],
                                 "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps,
@@ -210,7 +215,7 @@ def _ratios(text: str, what: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows: Optional[int], speed: bool,
+def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows: int, speed: bool,
                     out_dir: str, dtype: Optional[str], device: str, overwrite: bool, restart: bool,
                     export_format: str = "dense") -> None:
     from .pipeline import run_recipe
@@ -244,7 +249,7 @@ def shrink(
     dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -279,7 +284,7 @@ def finercut(
     dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -320,7 +325,7 @@ def skip_calibrate(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (text scored as if the "
                                                         "policy had generated it)"),
     speed: bool = typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -363,7 +368,7 @@ def factorize(
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<E>e<K>k)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after"),
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many evaluation windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, help="replace an existing run directory"),
@@ -495,7 +500,8 @@ def dst(
     drop_fraction: float = typer.Option(0.3, help="share of active weights rewired at the first update"),
     stop_fraction: float = typer.Option(0.75, help="no topology updates after this share of training"),
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
-    eval_windows: Optional[int] = typer.Option(None, help="language models: at most this many perplexity windows"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="language models: at most this many perplexity "
+                                                                "windows (0: all)"),
     format: str = typer.Option("auto", help="language models: export format (auto, dense, bitmask, nm)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
     device: str = typer.Option("cpu", help="language models: " + DEVICE_HELP),
@@ -563,7 +569,7 @@ def search(
     nsamples: int = typer.Option(32, help="calibration windows for the variants' statistics"),
     seqlen: int = typer.Option(512, help="their length (and the evaluation window length)"),
     seed: int = typer.Option(0, help="seed of the windows and the search"),
-    eval_windows: Optional[int] = typer.Option(None, help="at most this many perplexity windows (default all)"),
+    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many perplexity windows (0: all)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
     format: str = typer.Option("auto", help="export format (auto, dense, bitmask, nm)"),
     bos: str = typer.Option("auto", help=BOS_HELP),
@@ -616,7 +622,7 @@ def eval_command(
     speed: bool = typer.Option(False, "--speed", help="prefill and decode tokens/s (median of repeats)"),
     data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
     seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
-    windows: Optional[int] = typer.Option(None, help="at most this many windows (default all)"),
+    windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many windows (0: all)"),
     batch_size: int = typer.Option(1, help="batch size for the speed measurement"),
     prompt_tokens: int = typer.Option(128, help="prompt length for the speed measurement"),
     new_tokens: int = typer.Option(32, help="decoded tokens for the speed measurement"),
@@ -635,7 +641,7 @@ def eval_command(
     from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
     from .models.loading import load_model
 
-    settings = EvalSettings(perplexity=ppl, data=data, seqlen=seqlen, windows=windows, limit=limit,
+    settings = EvalSettings(perplexity=ppl, data=data, seqlen=seqlen, windows=windows or None, limit=limit,
                             tasks=parse_task_names(tasks, ZERO_SHOT_TASKS) if tasks else [],
                             qa=parse_task_names(qa, QA_TASKS) if qa else [], qa_prompt=qa_prompt, speed=speed,
                             speed_batch_size=batch_size, speed_prompt_tokens=prompt_tokens, speed_new_tokens=new_tokens,
@@ -690,13 +696,16 @@ def _print_task_table(before: dict | None, after: dict, labels: tuple[str, str])
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
-    """Show architecture, parameter counts and a per-layer sparsity table."""
+def info(model: str = typer.Argument(..., help=MODEL_HELP),
+         masks_from_zeros: bool = typer.Option(False, "--masks-from-zeros", help=MASKS_FROM_ZEROS_HELP)) -> None:
+    """Show architecture, parameter counts, pruning masks and a per-layer sparsity table.
+
+    Masks are what the export recorded; exact zeros are counted separately (a dense model has some)."""
     from .evaluation.stats import parameter_counts, sparsity_summary
     from .export.saving import read_format
     from .models.loading import load_model, resolve_model_directory
 
-    handle = load_model(model)
+    handle = load_model(model, masks_from_zeros=masks_from_zeros)
     geometry = handle.adapter.head_geometry()
     params = parameter_counts(handle)
     summary = sparsity_summary(handle)
@@ -704,17 +713,25 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
               f"{handle.adapter.num_blocks} blocks, dtype {str(handle.dtype).removeprefix('torch.')}")
     out.print(f"heads: {geometry.num_heads} query / {geometry.num_kv_heads} key-value, head dim {geometry.head_dim}; "
               f"tied embeddings: {handle.adapter.tied_embeddings()}")
+    masked = [row for row in summary["per_layer"] if row["name"] in handle.masks]
+    kept = sum(int(handle.masks[row["name"]].sum()) for row in masked)
+    masked_params = sum(row["shape"][0] * row["shape"][1] for row in masked)
     out.print(f"parameters: {params['total']:,} total, {params['nonzero']:,} nonzero; "
-              f"prunable linears: {summary['prunable_params']:,}, sparsity {summary['overall']:.2%}")
+              f"prunable linears: {summary['prunable_params']:,}, exact zeros {summary['overall']:.2%}")
+    out.print(f"pruning masks: {len(masked)} of {len(summary['per_layer'])} linears" +
+              (f", {1 - kept / masked_params:.2%} of their weights masked" if masked else
+               " (none recorded; --masks-from-zeros reads zeros as masks)"))
     path = Path(model)
     description = read_format(resolve_model_directory(path)) if path.is_dir() else None
     if description:
         out.print(f"export format: {description['format']} ({description['dtype']})")
     table = Table(title="per-layer sparsity")
-    for column in ("layer", "role", "shape", "sparsity"):
-        table.add_column(column, justify="right" if column == "sparsity" else "left")
+    for column in ("layer", "role", "shape", "exact zeros", "masked"):
+        table.add_column(column, justify="left" if column in ("layer", "role", "shape") else "right")
     for row in summary["per_layer"]:
-        table.add_row(row["name"], row["role"], "x".join(map(str, row["shape"])), f"{row['sparsity']:.2%}")
+        mask = handle.masks.get(row["name"])
+        table.add_row(row["name"], row["role"], "x".join(map(str, row["shape"])), f"{row['sparsity']:.2%}",
+                      "-" if mask is None else f"{1 - mask.float().mean().item():.2%}")
     out.print(table)
 
 

@@ -78,3 +78,25 @@ class PeakMemory:
             self._done.set()
             self._thread.join()
             self.peak_mb = max(self.peak_mb, resident_mb())
+
+
+def available_bytes() -> int | None:
+    """Memory the system can still give this process (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(needed: int, what: str) -> None:
+    """Refuse up front a request whose working set cannot fit in the memory that is available now."""
+    from .errors import SparseforgeError
+
+    available = available_bytes()
+    if available is not None and needed > available:
+        raise SparseforgeError(f"{what} needs about {needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB "
+                               "of memory is available; use fewer samples or shorter windows")

@@ -27,7 +27,11 @@ from .evaluation.suite import evaluate, prepare_evaluation
 from .export.saving import save_model
 from .models.handle import LoadedModel
 from .models.loading import load_model
+from .errors import SparseforgeError
+from .evaluation.suite import check_window_length
 from .prune.checkpoint import STATE_FILE
+from .prune.pruner import check_calibration_memory, check_prune_request
+from .search.runner import probe_ray
 from .interrupts import Interrupted
 from .prune.pruner import prune
 from .dst.lm import check_dense, sparse_train_lm
@@ -136,9 +140,18 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
     """Refuse structural requests the loaded model cannot satisfy before spending time on evaluation: a ratio
     list of the wrong length, a width that would reach zero, more sub-layers than the model has. (Checked against
     the loaded model; the stages check again against the model they receive.)"""
+    check_window_length(handle, recipe.data.seqlen, "the calibration seqlen")
+    if recipe.evaluate.perplexity:
+        check_window_length(handle, recipe.data.evaluation_seqlen, "the evaluation seqlen")
     for stage in recipe.stages:
         config = stage.config
-        if stage.kind == "shrink":
+        if stage.kind == "prune":
+            plan, needs_calibration = check_prune_request(
+                handle, config.method, config.sparsity, config.pattern, config.per_row, config.allocation,
+                config.refine, config.owl, config.dsnot, config.sparsegpt, config.batch_size, config.order)
+            if needs_calibration:
+                check_calibration_memory(handle, recipe.data.nsamples, recipe.data.seqlen)
+        elif stage.kind == "shrink":
             check_shrink_request(handle, ShrinkConfig(config.ffn, config.heads, config.score, config.round_to,
                                                       config.head_unit, config.compensate))
         elif stage.kind == "finercut" and config.unit == "block":
@@ -153,7 +166,22 @@ def _preflight(handle: LoadedModel, recipe: Recipe) -> None:
             check_dense(handle)
         elif stage.kind == "search":
             check_unpruned(handle)
-            stage.config.config(recipe.data.seed).check(handle)
+            search_config = stage.config.config(recipe.data.seed)
+            search_config.check(handle)
+            if search_config.ray_address:  # an unreachable cluster is found now, not after the variant bank
+                probe_ray(search_config.ray_address, search_config.ray_timeout)
+    _check_export_pattern(recipe)
+
+
+def _check_export_pattern(recipe: Recipe) -> None:
+    """The nm format stores exact N:M masks only: refuse it up front for stages that prune without N:M."""
+    if recipe.export is None or recipe.export.format != "nm":
+        return
+    for stage in recipe.stages:
+        pattern = getattr(stage.config, "pattern", None)
+        if stage.kind in ("prune", "search") and pattern == "unstructured":
+            raise SparseforgeError(f"export format nm needs exact N:M masks, but the {stage.kind} stage prunes "
+                                   "unstructured; use --pattern N:M or another format (auto picks the smallest)")
 
 
 def checkpoint_root(out_dir: str | Path) -> Path:
@@ -212,14 +240,14 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrit
         log(f"loading model {recipe.model}")
         with _timed(timings, "load_model"):
             handle = load_model(recipe.model, dtype=recipe.dtype, trust_remote_code=recipe.trust_remote_code,
-                                device=recipe.device)
+                                device=recipe.device, masks_from_zeros=recipe.masks_from_zeros)
         handle.bos = recipe.data.bos
         _preflight(handle, recipe)
         windows = corpus = None
         if recipe.evaluate.perplexity:
             with _timed(timings, "prepare_evaluation_data"):
                 windows, corpus = prepare_evaluation(handle, recipe.data.evaluation, recipe.data.evaluation_seqlen,
-                                                     recipe.data.eval_windows)
+                                                     recipe.data.eval_windows or None)
         log("evaluating before")
         measured = recipe.evaluate
         task_options = {"tasks": measured.tasks, "qa": measured.qa, "limit": measured.limit,

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .data.windows import BOS_POLICIES
+from .data.windows import BOS_POLICIES, DEFAULT_EVAL_WINDOWS
 from .dtypes import DTYPES
 from .dst.engine import METHODS as DST_METHODS
 from .dst.masks import MASK_INITS
@@ -76,7 +76,8 @@ class DataConfig(_Strict):
     bos: Literal[BOS_POLICIES] = Field("auto", description="BOS first in every window: auto (as the tokenizer "  # type: ignore[valid-type]
                                        "does), always, never")
     eval_seqlen: int | None = Field(None, ge=2, description="evaluation window length; defaults to seqlen")
-    eval_windows: int | None = Field(None, ge=1, description="cap on evaluation windows; default all")
+    eval_windows: int | None = Field(DEFAULT_EVAL_WINDOWS, ge=0, description="cap on evaluation windows; 0 or null: "
+                                                                             "every window")
 
     @property
     def evaluation_seqlen(self) -> int:
@@ -374,6 +375,8 @@ class Recipe(_Strict):
     model: str
     dtype: Literal[tuple(DTYPES)] | None = None  # type: ignore[valid-type]
     trust_remote_code: bool = False
+    masks_from_zeros: bool = Field(False, description="read the exact zeros of a dense checkpoint pruned elsewhere as "
+                                                      "its masks (never done unasked: zeros are not always a mask)")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     data: DataConfig = DataConfig()
     stages: list[StageEntry] = []

@@ -14,6 +14,7 @@ The directory is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_directory
 from ..dtypes import resolve_dtype
 from ..errors import CorruptCheckpointError, SparseforgeError
-from ..sparsity.masks import masks_from_zeros, release_masks
+from ..sparsity.masks import release_masks
 from .formats import ENCODINGS
 from .integrity import check_safetensors_file, sha256_of
 
@@ -52,8 +53,11 @@ def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
 
 
 def _layer_masks(handle: LoadedModel) -> dict[str, tuple[torch.Tensor, bool]]:
-    """state-dict key -> (mask in [out, in], stored transposed?) for every pruned linear."""
-    masks = handle.masks or masks_from_zeros(handle.adapter)
+    """state-dict key -> (mask in [out, in], stored transposed?) for every linear with a recorded mask.
+
+    Only masks that a stage recorded (or that an export's manifest restored) count: an unpruned model's exact zeros
+    (a shrunk model's, a de-quantised one's) are not a pruning mask and are exported as plain weights."""
+    masks = handle.masks
     return {f"{v.name}.weight": (masks[v.name], v.transposed) for v in handle.adapter.linears() if v.name in masks}
 
 
@@ -131,6 +135,7 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
             "masked": sorted(layer_masks),
             "tensors": described,
         }
+        description["manifest_sha256"] = manifest_digest(description)
         (tmp / FORMAT_FILE).write_text(json.dumps(description, indent=1))
         if handle.skip is not None:  # the FFN-skip policy travels with the model it was calibrated for
             from ..skip.policy import save_policy
@@ -143,14 +148,56 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
     return description
 
 
+def manifest_digest(description: dict) -> str:
+    """SHA-256 of the manifest itself (canonical JSON, without this digest): the weights' checksums are only as
+    good as the manifest that says how to read them."""
+    body = {k: v for k, v in description.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _schema_problem(description) -> str | None:
+    """What is wrong with a manifest's structure, or None (checked before anything is decoded from it)."""
+    if not isinstance(description, dict):
+        return "it is not a JSON object"
+    expected = {"format": str, "version": int, "dtype": str, "weights": str, "sha256": dict, "aliases": dict,
+                "masked": list, "tensors": dict}
+    for key, kind in expected.items():
+        if not isinstance(description.get(key), kind) or isinstance(description.get(key), bool):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if description["format"] not in EXPORT_FORMATS or description["format"] == "auto":
+        return f"unknown format '{description['format']}'"
+    if description["version"] > FORMAT_VERSION or description["version"] < 1:
+        return (f"format version {description['version']} is not one this sparseforge reads (up to {FORMAT_VERSION}); "
+                "upgrade sparseforge")
+    if description["weights"] not in (DENSE_WEIGHTS, PACKED_WEIGHTS):
+        return f"unknown weight file '{description['weights']}'"
+    if not isinstance(description["sha256"].get(description["weights"]), str):
+        return f"no SHA-256 recorded for {description['weights']}"
+    for key, info in description["tensors"].items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or info.get("encoding") not in ENCODINGS or not isinstance(shape, list) or \
+                len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+            return f"the entry of {key} is malformed"
+    return None
+
+
 def read_format(directory: Path) -> dict | None:
+    """The export manifest of ``directory`` (None when it is not a sparseforge export), checked: structure, known
+    format and version, and its own checksum."""
     path = Path(directory) / FORMAT_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(f"{path} is corrupted: {exc}") from None
+    problem = _schema_problem(description)
+    if problem is None and "manifest_sha256" in description and \
+            description["manifest_sha256"] != manifest_digest(description):
+        problem = "its content does not match its recorded SHA-256 (edited or damaged)"
+    if problem is not None:
+        raise CorruptCheckpointError(f"{path} is not a valid sparseforge export manifest: {problem}")
+    return description
 
 
 def verify_weights(directory: Path, description: dict) -> Path:
@@ -178,7 +225,10 @@ def load_exported_state(directory: Path, description: dict) -> tuple[dict[str, t
     for key, info in description["tensors"].items():
         prefix = f"{key}."
         parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix)}
-        weight, mask = ENCODINGS[info["encoding"]].decode(parts, tuple(info["shape"]), info, dtype)
+        try:
+            weight, mask = ENCODINGS[info["encoding"]].decode(parts, tuple(info["shape"]), info, dtype)
+        except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+            raise CorruptCheckpointError(f"{weights}: {key} does not decode as its manifest says ({exc})") from None
         state[key] = weight.t().contiguous() if info["transposed"] else weight
         masks[key] = mask
     state.update(raw)

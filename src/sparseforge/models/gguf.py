@@ -34,3 +34,20 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     model.load_state_dict(gguf_model.state_dict())
     model.eval()
     return model, tokenizer
+
+
+def converted_gguf_directory(path: Path) -> Path:
+    """A Hugging Face directory holding the de-quantised model of ``path``, converted once and cached under the
+    file's SHA-256 (a conversion takes about a minute for a 270M model; a changed file gets a new entry)."""
+    from ..assets import cache_dir
+    from ..atomic import atomic_directory
+    from ..export.integrity import sha256_of
+
+    target = cache_dir() / "gguf" / sha256_of(path)[:32]
+    if (target / "config.json").exists():
+        return target
+    model, tokenizer = load_gguf(path)
+    with atomic_directory(target, overwrite=True, owned=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target

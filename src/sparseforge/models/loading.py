@@ -18,9 +18,10 @@ from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundE
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format, verify_weights
+from ..sparsity.masks import masks_from_zeros as masks_from_zeros_of
 from .adapters import adapter_for, check_supported
 from .default import default_model_dir
-from .gguf import load_gguf
+from .gguf import converted_gguf_directory
 from .handle import LoadedModel
 from .structure import STRUCTURE_KEY, apply_structure
 from .tiny import build_tiny
@@ -131,10 +132,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               device: str | torch.device | None = "cpu") -> LoadedModel:
+               device: str | torch.device | None = "cpu", masks_from_zeros: bool = False) -> LoadedModel:
     """Load a causal LM with its tokenizer and adapter.
 
-    ``dtype`` defaults to float32 (or an export's own dtype); ``device`` is where the model computes.
+    ``dtype`` defaults to float32 (or an export's own dtype); ``device`` is where the model computes. Masks come
+    from what an export's manifest recorded; ``masks_from_zeros`` reads the exact zeros of a model pruned
+    elsewhere (saved dense) as masks, which is never done unasked.
     """
     spec = str(spec)
     target_device = resolve_device(device)
@@ -151,7 +154,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelNotFoundError(f"no such GGUF file: {spec}")
-            model, tokenizer = load_gguf(path, load_dtype)
+            model, tokenizer = _load_hf(str(converted_gguf_directory(path)), load_dtype, trust_remote_code=False)
             handle = LoadedModel(model, tokenizer, source=str(path))
         elif path.is_dir():
             directory = resolve_model_directory(path)
@@ -167,6 +170,8 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
             model, tokenizer = _load_hf(spec, load_dtype, trust_remote_code)
             handle = LoadedModel(model, tokenizer, source=spec)
     check_finite(handle)
+    if masks_from_zeros:
+        handle.masks = {**masks_from_zeros_of(handle.adapter), **handle.masks}
     handle.model.to(target_device)
     if spec != "default" and not spec.startswith("tiny-") and Path(spec).expanduser().is_dir():
         directory = resolve_model_directory(Path(spec).expanduser())

@@ -15,6 +15,7 @@ import torch
 
 from ..data.sources import load_corpus
 from ..data.windows import calibration_windows, tokenize_corpus
+from ..memory import check_fits
 from ..errors import DataError, PatternError
 from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
@@ -94,6 +95,36 @@ def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refi
                           reconstruct)
 
 
+def check_prune_request(handle: LoadedModel, method: str = "magnitude", sparsity: float | None = None,
+                        pattern: str | Pattern = "unstructured", per_row: bool | None = None,
+                        allocation: str = "uniform", refine: str | None = None, owl=None, dsnot=None, sparsegpt=None,
+                        batch_size: int = 8, order: str = "sublayer",
+                        reconstruct=None) -> tuple[SequentialPlan, bool]:
+    """Everything about a pruning request that can be refused without computing: method, pattern against every
+    layer's width, sparsity, options. Returns the plan and whether it needs calibration data."""
+    chosen = get_method(method)
+    pat = parse_pattern(pattern, chosen.default_per_row if per_row is None else per_row) \
+        if isinstance(pattern, str) else pattern
+    if sparsity is None and pat.fixed_sparsity() is None:
+        sparsity = DEFAULT_SPARSITY
+    target = resolve_sparsity(pat, sparsity)
+    needs_calibration = (chosen.needs_calibration or get_allocation(allocation).needs_calibration
+                         or refine is not None or reconstruct is not None)
+    for view in handle.adapter.linears():
+        pat.validate((view.out_features, view.in_features), view.name)
+    return _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order,
+                 reconstruct), needs_calibration
+
+
+def check_calibration_memory(handle: LoadedModel, nsamples: int, seqlen: int) -> None:
+    """The block inputs of every calibration window stay resident (twice while a block runs, more with
+    reconstruction's targets): refuse a count that cannot fit before allocating it."""
+    element = torch.empty((), dtype=handle.dtype).element_size()
+    hidden = handle.model.config.hidden_size if hasattr(handle.model.config, "hidden_size") else \
+        handle.adapter.head_geometry().num_heads * handle.adapter.head_geometry().head_dim
+    check_fits(3 * nsamples * seqlen * hidden * element, f"calibration with {nsamples} windows of {seqlen} tokens")
+
+
 def prune(
     handle: LoadedModel,
     method: str = "magnitude",
@@ -132,18 +163,11 @@ def prune(
     params, lora, steps per block, lr). Embeddings, LM head, norms and biases are not pruned. A report of the
     run is appended to ``handle.history``.
     """
-    chosen = get_method(method)
-    pat = parse_pattern(pattern, chosen.default_per_row if per_row is None else per_row) \
-        if isinstance(pattern, str) else pattern
-    if sparsity is None and pat.fixed_sparsity() is None:
-        sparsity = DEFAULT_SPARSITY
-    target = resolve_sparsity(pat, sparsity)
-    needs_calibration = (chosen.needs_calibration or get_allocation(allocation).needs_calibration
-                         or refine is not None or reconstruct is not None)
-    layers = list(handle.adapter.linears())
-    for view in layers:
-        pat.validate((view.out_features, view.in_features), view.name)
-    plan = _plan(chosen, pat, target, allocation, refine, owl, dsnot, sparsegpt, batch_size, order, reconstruct)
+    plan, needs_calibration = check_prune_request(handle, method, sparsity, pattern, per_row, allocation, refine,
+                                                  owl, dsnot, sparsegpt, batch_size, order, reconstruct)
+    chosen, pat, target = plan.method, plan.pattern, plan.sparsity
+    if needs_calibration and not torch.is_tensor(calibration):
+        check_calibration_memory(handle, nsamples, seqlen)
     if not needs_calibration:
         prune_data_free(handle, plan, progress)
         handle.history.append({"stage": "prune", "method": chosen.name, "pattern": pat.name,

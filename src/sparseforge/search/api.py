@@ -32,7 +32,7 @@ from .evopress import evopress
 from .front import non_dominated, pick_point
 from .nsga import nsga2_front
 from .quality import QualityMeter
-from .runner import Evaluations, MeterSpec, RayBackend, Request, SerialBackend, _probe
+from .runner import Evaluations, MeterSpec, RayBackend, Request, SerialBackend, probe_ray
 from .space import SearchSpace, parse_levels
 
 ALGORITHMS = ("nsga2", "evopress", "decompose")
@@ -134,7 +134,7 @@ def prepare(handle: LoadedModel, config: SearchConfig, calibration: str | torch.
     check_unpruned(handle)
     space = config.check(handle)
     if config.ray_address:
-        _probe(config.ray_address, config.ray_timeout)  # before minutes of calibration, not after
+        probe_ray(config.ray_address, config.ray_timeout)  # before minutes of calibration, not after
     method = get_method(config.method)
     stats_windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
     if torch.is_tensor(calibration):

@@ -87,7 +87,7 @@ class SerialBackend:
         pass
 
 
-def _probe(address: str, timeout: float) -> None:
+def probe_ray(address: str, timeout: float) -> None:
     """Fail fast when a Ray address cannot be reached (``ray.init`` itself can wait for minutes)."""
     if address == "auto":
         return
@@ -129,7 +129,7 @@ class RayBackend:
         if workers < 1:
             raise SearchError(f"Ray needs at least 1 worker, got {workers}")
         if address:
-            _probe(address, timeout)
+            probe_ray(address, timeout)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         import ray
 

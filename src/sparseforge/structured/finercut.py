@@ -54,8 +54,9 @@ def check_finercut_request(handle: LoadedModel, remove: float, distance_name: st
         raise StructureError(f"exclude must be a fraction in [0, 1), got {exclude}")
     check_shrinkable(handle, "finercut")
     count = removal_count(remove, 2 * handle.adapter.num_blocks)
-    if count > len(candidates(handle.adapter)):
-        raise StructureError(f"cannot remove {count} sub-layers: only {len(candidates(handle.adapter))} remain")
+    remaining = len(candidates(handle.adapter))
+    if count >= remaining:  # a model with no attention and no FFN left is only embeddings and a head
+        raise StructureError(f"cannot remove {count} sub-layers: only {remaining} remain, and at least one must stay")
     return count
 
 
