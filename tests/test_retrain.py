@@ -217,6 +217,29 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
     assert not (tmp_path / "ckpt").exists()  # removed once training finished
 
 
+@pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt"])
+def test_damaged_training_checkpoint_is_trained_again_not_used(tmp_path, capfd, damaged):
+    options = TRAIN | {"steps": 4, "lr": 1e-2, "checkpoint_every": 2, "checkpoint_dir": tmp_path / "ckpt"}
+    reference = pruned()
+    sf.retrain(reference, **(options | {"checkpoint_dir": None}))
+
+    def stop_at_3(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sf.retrain(pruned(), **options, on_step=stop_at_3)
+    path = tmp_path / "ckpt" / damaged
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    resumed = pruned()
+    sf.retrain(resumed, **options)
+    assert "training again from step 0" in capfd.readouterr().err
+    assert not resumed.history[-1]["training"].get("resumed_from_step")
+    assert resumed.history[-1]["training"]["losses"] == reference.history[-1]["training"]["losses"]
+
+
 def test_non_finite_loss_restores_the_last_good_state():
     weight = torch.nn.Parameter(torch.ones(3))
     seen = []

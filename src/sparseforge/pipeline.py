@@ -223,9 +223,14 @@ def resume_point(checkpoints: Path) -> str | None:
         state = json.loads((last / STATE_FILE).read_text())
     except (OSError, ValueError):
         return f"the checkpoints of {last.name.replace('_', ' ')}"
-    block = state.get("next_block") if isinstance(state, dict) else None
     where = last.name.replace("_", " ")
-    return f"{where}, block {block}" if isinstance(block, int) else f"the last checkpoint of {where}"
+    if not isinstance(state, dict):
+        return f"the last checkpoint of {where}"
+    if isinstance(state.get("step"), int):  # a training checkpoint
+        return f"{where}, step {state['step']}"
+    if isinstance(state.get("next_block"), int):
+        return f"{where}, block {state['next_block']}"
+    return f"the last checkpoint of {where}"
 
 
 def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrite: bool, progress: bool,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write_text
 from ..errors import RetrainError
 from ..memory import PeakMemory
-from ..prune.checkpoint import Checkpoint, load_tensors, save_tensors
+from ..errors import CorruptCheckpointError
+from ..export.integrity import sha256_of
+from ..prune.checkpoint import Checkpoint, load_tensors, save_tensors, verify_tensors
 
 
 @dataclass
@@ -87,12 +90,28 @@ class TrainCheckpoint(Checkpoint):
         tmp = self.directory / ".optimizer.pt.tmp"
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
         os.replace(tmp, self.directory / "optimizer.pt")
+        self.state["optimizer_sha256"] = sha256_of(self.directory / "optimizer.pt")
         atomic_write_text(self.directory / "state.json", json.dumps(self.state, indent=1))
+
+    def _intact(self) -> bool:
+        """Both files of the last checkpoint match their checksums (a damaged one is not used)."""
+        optimizer = self.directory / "optimizer.pt"
+        try:
+            verify_tensors(self.directory / "trainable.safetensors")
+        except CorruptCheckpointError:
+            return False
+        recorded = self.state.get("optimizer_sha256")
+        return optimizer.is_file() and (recorded is None or recorded == sha256_of(optimizer))
 
     def restore(self, params: list[nn.Parameter], optimizer, scheduler) -> tuple[int, list[float]]:
         state = self.resume()
         step = int(state.get("step", 0))
         if not step:
+            return 0, []
+        if not self._intact():
+            print(f"› training checkpoint in {self.directory} is missing or corrupted (SHA-256 mismatch); training "
+                  "again from step 0", file=sys.stderr)
+            self.state.update(step=0, losses=[])
             return 0, []
         tensors = load_tensors(self.directory / "trainable.safetensors")
         if len(tensors) != len(params):
