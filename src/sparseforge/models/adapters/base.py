@@ -265,65 +265,28 @@ class ModelAdapter:
         return HeadGeometry(num_heads, num_kv, int(head_dim))
 
     # ---- running one block on captured inputs ---------------------------------------------------------------
-    def capture_block_inputs(self, input_ids: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, dict]:
-        """Run the model up to block ``index`` and return that block's hidden-state input and keyword arguments.
+    def _capture_through(self, input_ids: torch.Tensor, last: int, hidden_of: int) -> tuple[torch.Tensor, list[dict]]:
+        """Block ``hidden_of``'s hidden-state input and the keyword arguments of blocks ``0..last``, as the model
+        itself passes them (only one hidden state is kept: a model's worth of them would be large).
 
-        The forward pass is cut short by an exception from a pre-hook, so nothing after the block is computed.
-        The keyword arguments (attention mask, position embeddings, ...) are what the model itself passes, so
-        :meth:`run_block` reproduces the model's own computation for any architecture.
+        The forward pass is cut short by an exception from block ``last``'s pre-hook, so nothing after it is
+        computed. Keyword arguments lose the cache and gain ``use_cache=False``, ready for :meth:`run_block`.
         """
-        captured: dict[str, Any] = {}
+        hidden: list[torch.Tensor] = []
+        arguments: list[dict] = []
 
         class _Stop(Exception):
             pass
 
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured["hidden"] = hidden
-            captured["kwargs"] = without_cache(kwargs)
-            raise _Stop
+            if len(arguments) == hidden_of:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            arguments.append({k: v for k, v in without_cache(kwargs).items() if k != "hidden_states"} |
+                             {"use_cache": False})
+            if len(arguments) > last:
+                raise _Stop
 
-        handle = self.blocks()[index].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self.model(input_ids=input_ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        kwargs = captured["kwargs"]
-        kwargs["use_cache"] = False
-        return captured["hidden"], kwargs
-
-    def capture_inputs_per_block(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-        """Block 0's hidden-state input and the keyword arguments the model passes to *each* block.
-
-        Models with per-layer attention types pass different arguments to different blocks: Gemma 3 gives its
-        sliding-window layers a local rotary base (10k) and a windowed mask, its full-attention layers the global
-        base (1M) and a causal mask. Replaying every block with block 0's arguments would calibrate the
-        full-attention layers at the wrong positions, so block-by-block replays use this. One forward pass, cut
-        short at the last block; arguments that the model shares between blocks stay shared objects.
-        """
-        captured: dict[str, Any] = {}
-        per_block: list[dict] = [{} for _ in range(self.num_blocks)]
-        last = self.num_blocks - 1
-
-        class _Stop(Exception):
-            pass
-
-        def hook_for(index: int):
-            def hook(module, args, kwargs):
-                if index == 0:
-                    captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-                per_block[index] = {k: v for k, v in without_cache(kwargs).items() if k != "hidden_states"}
-                per_block[index]["use_cache"] = False
-                if index == last:
-                    raise _Stop
-
-            return hook
-
-        handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True)
-                   for i, block in enumerate(self.blocks())]
+        handles = [block.register_forward_pre_hook(hook, with_kwargs=True) for block in self.blocks()[:last + 1]]
         try:
             with torch.no_grad():
                 self.model(input_ids=input_ids, use_cache=False)
@@ -332,7 +295,27 @@ class ModelAdapter:
         finally:
             for handle in handles:
                 handle.remove()
-        return captured["hidden"], per_block
+        return hidden[0], arguments
+
+    def capture_block_inputs(self, input_ids: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, dict]:
+        """Run the model up to block ``index`` and return that block's hidden-state input and keyword arguments.
+
+        The keyword arguments (attention mask, position embeddings, ...) are what the model itself passes, so
+        :meth:`run_block` reproduces the model's own computation for any architecture.
+        """
+        hidden, arguments = self._capture_through(input_ids, index, index)
+        return hidden, arguments[index]
+
+    def capture_inputs_per_block(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+        """Block 0's hidden-state input and the keyword arguments the model passes to *each* block.
+
+        Models with per-layer attention types pass different arguments to different blocks: Gemma 3 gives its
+        sliding-window layers a local rotary base (10k) and a windowed mask, its full-attention layers the global
+        base (1M) and a causal mask. Replaying every block with block 0's arguments would calibrate the
+        full-attention layers at the wrong positions, so block-by-block replays use this. Arguments that the model
+        shares between blocks stay shared objects.
+        """
+        return self._capture_through(input_ids, self.num_blocks - 1, 0)
 
     def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run block ``index`` on captured inputs and return its output hidden states."""
