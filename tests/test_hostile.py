@@ -222,3 +222,13 @@ def test_an_interrupted_run_exits_non_zero_says_where_it_resumes_and_resumes(tmp
     report = json.loads((tmp_path / "int1" / "report.json").read_text())
     assert report["stages"][0]["resumed_from_block"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int1"]
+
+
+def test_an_interrupt_while_starting_is_one_line_and_130(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", "from sparseforge.entry import main; main()", "info",
+                                "tiny-llama"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the console script installs its handlers first, then imports torch and transformers
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT)")
