@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 
 from sparseforge.models.loading import load_model
 from sparseforge.prune.pruner import prune
-from sparseforge.sparsity.masks import check_masks_hold, enforce_masks, masks_from_zeros, release_masks
+from sparseforge.sparsity.masks import check_masks_hold, enforce_masks, release_masks
 
 
 @settings(max_examples=8, deadline=None)
@@ -43,9 +43,13 @@ def test_training_changes_kept_weights(tiny_llama):
     assert any(changed)
 
 
-def test_masks_from_zeros_recover_the_pruning_masks(tiny):
+def test_masks_from_zeros_recover_the_pruning_masks(tiny, tmp_path):
+    """Asked for explicitly, the zeros of a model pruned elsewhere and saved dense become its masks."""
     prune(tiny, sparsity=0.6, progress=False)
-    recovered = masks_from_zeros(tiny.adapter)
+    tiny.model.save_pretrained(tmp_path / "plain")
+    tiny.tokenizer.save_pretrained(tmp_path / "plain")
+    assert load_model(str(tmp_path / "plain")).masks == {}
+    recovered = load_model(str(tmp_path / "plain"), masks_from_zeros=True).masks
     assert set(recovered) == set(tiny.masks)
     for name, mask in tiny.masks.items():
         assert torch.equal(recovered[name], mask)

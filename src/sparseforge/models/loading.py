@@ -18,7 +18,6 @@ from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundE
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format, verify_weights
-from ..sparsity.masks import masks_from_zeros as masks_from_zeros_of
 from .adapters import adapter_for, check_supported
 from .default import default_model_dir
 from .gguf import converted_gguf_directory
@@ -102,6 +101,16 @@ def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None
     return handle
 
 
+def _masks_from_zeros(handle: LoadedModel) -> None:
+    """Read the exact zeros of linears without a recorded mask as their masks (a model pruned elsewhere and saved
+    dense); only linears that have zeros get one. Asked for explicitly, never done by default."""
+    for view in handle.adapter.linears():
+        if view.name not in handle.masks:
+            kept = view.weight.detach() != 0
+            if not bool(kept.all()):
+                handle.masks[view.name] = kept.cpu()
+
+
 def resolve_model_directory(path: Path) -> Path:
     """A run directory holds its model in ``model/``; accept either."""
     if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
@@ -171,7 +180,7 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
             handle = LoadedModel(model, tokenizer, source=spec)
     check_finite(handle)
     if masks_from_zeros:
-        handle.masks = {**masks_from_zeros_of(handle.adapter), **handle.masks}
+        _masks_from_zeros(handle)
     handle.model.to(target_device)
     if spec != "default" and not spec.startswith("tiny-") and Path(spec).expanduser().is_dir():
         directory = resolve_model_directory(Path(spec).expanduser())

@@ -86,16 +86,6 @@ def release_weight_mask(module: nn.Module, name: str = "weight") -> None:
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
 
 
-def masks_from_zeros(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
-    """Recover masks of a model saved as dense-with-zeros (only layers that have zeros get one)."""
-    masks = {}
-    for view in adapter.linears():
-        mask = view.weight.detach() != 0
-        if not bool(mask.all()):
-            masks[view.name] = mask.cpu()
-    return masks
-
-
 def sparsity_of(mask: torch.Tensor) -> float:
     return 1.0 - mask.sum().item() / mask.numel()
 
