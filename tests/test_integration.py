@@ -172,7 +172,7 @@ def test_factorized_default_model_is_exact_with_every_expert_and_round_trips(tmp
         routed = handle.model(input_ids=ids).logits
     sf.save_model(handle, tmp_path / "model")
     reloaded = sf.load_model(str(tmp_path / "model"))
-    assert reloaded.experts.settings.topk == 2
+    assert reloaded.attachment("experts").settings.topk == 2
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(input_ids=ids).logits, routed, rtol=0, atol=1e-4)
 

@@ -18,6 +18,7 @@ from sparseforge.moe import factorize, factorize_model, train_experts, train_rou
 from sparseforge.moe.cost import ffn_macs_per_token, ideal_expert_speedups
 from sparseforge.moe.storage import ROUTERS_FILE, SETTINGS_FILE
 from sparseforge.retrain.trainer import TrainConfig
+from sparseforge.models.attachments import AttachmentConflict
 from sparseforge.skip import SkipPolicy, install_policy
 
 WINDOWS = torch.randint(3, 250, (16, 24), generator=torch.Generator().manual_seed(0))
@@ -110,13 +111,13 @@ def test_factorize_model_records_the_budget_and_round_trips_through_save_and_loa
     save_model(tiny_llama, tmp_path / "model")
     assert (tmp_path / "model" / SETTINGS_FILE).exists() and (tmp_path / "model" / ROUTERS_FILE).exists()
     reloaded = load_model(str(tmp_path / "model"))
-    assert reloaded.experts is not None and reloaded.experts.settings.topk == 2
+    assert reloaded.attachment("experts") is not None and reloaded.attachment("experts").settings.topk == 2
     torch.testing.assert_close(reloaded.model(input_ids=IDS).logits.detach(), logits, rtol=0, atol=1e-5)
     # transformers alone loads the dense model: every expert active
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
-    reloaded.experts.remove()
+    reloaded.attachment("experts").remove()
     torch.testing.assert_close(plain(input_ids=IDS).logits.detach(), reloaded.model(input_ids=IDS).logits.detach(),
                                rtol=0, atol=1e-5)
 
@@ -162,7 +163,7 @@ def test_router_checkpoints_that_do_not_match_are_refused(tiny_llama, tmp_path):
 def test_bad_requests_are_refused(tiny_llama, kwargs, message):
     with pytest.raises(FactorizeError, match=message):
         factorize(tiny_llama, **kwargs)
-    assert tiny_llama.experts is None
+    assert tiny_llama.attachment("experts") is None
 
 
 def test_factorizing_a_factorized_shrunk_skipping_or_ffn_less_model_is_refused(tmp_path):
@@ -179,7 +180,7 @@ def test_factorizing_a_factorized_shrunk_skipping_or_ffn_less_model_is_refused(t
         factorize(shrunk, experts=4, topk=1)
     skipping = load_model("tiny-llama")
     install_policy(skipping, SkipPolicy(threshold=1.01, cold_start=0, cold_end=0))
-    with pytest.raises(FactorizeError, match="FFN-skip policy is installed"):
+    with pytest.raises(AttachmentConflict, match="skip and experts both take over the FFN"):
         factorize(skipping, experts=4, topk=1)
     removed = load_model("tiny-llama")
     remove_sublayer(removed.adapter, 1, "ffn")
@@ -190,9 +191,9 @@ def test_factorizing_a_factorized_shrunk_skipping_or_ffn_less_model_is_refused(t
 def test_shrinking_or_skipping_a_factorized_model_is_refused():
     handle = load_model("tiny-llama")
     factorize(handle, experts=4, topk=1)
-    with pytest.raises(StructureError, match="factorized into experts"):
+    with pytest.raises(StructureError, match="has experts attached"):
         sf.shrink(handle, ffn=0.25, score="magnitude", progress=False)
-    with pytest.raises(SkipError, match="factorized into experts"):
+    with pytest.raises(AttachmentConflict, match="experts and skip both take over the FFN"):
         install_policy(handle, SkipPolicy(threshold=1.01, cold_start=0, cold_end=0))
 
 
@@ -257,7 +258,7 @@ def test_recipe_factorize_stage(tmp_path):
     report = sf.run_recipe(recipe, str(tmp_path / "run"), progress=False)
     assert "experts" in report["metrics"]["after"] and report["sparsity"]["overall"] > 0.45
     reloaded = load_model(str(tmp_path / "run" / "model"))
-    assert reloaded.experts is not None and reloaded.experts.settings.experts == 2
+    assert reloaded.attachment("experts") is not None and reloaded.attachment("experts").settings.experts == 2
 
 
 def test_keep_ffn_neurons_with_a_permutation_is_how_factorizing_reorders(tiny_llama):

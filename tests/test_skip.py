@@ -174,7 +174,7 @@ def test_uninstall_restores_the_dense_model_and_state_dict_is_untouched():
     install_policy(handle, SkipPolicy(mode="early_exit", exit_layer=1))
     assert list(handle.model.state_dict()) == keys
     uninstall_policy(handle)
-    assert handle.skip is None and torch.equal(_tokens(handle, PROMPTS)["tokens"], dense)
+    assert handle.attachment("skip") is None and torch.equal(_tokens(handle, PROMPTS)["tokens"], dense)
 
 
 # ---- calibration and baselines -----------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_calibration_hits_the_target_ratio_and_installs_the_policy():
     policy = calibrate_skip(handle, 0.25, cold_start=1, cold_end=1, **CALIBRATION)
     calibration = policy.calibration
     assert abs(calibration["ratio_teacher_forced"] - 0.25) <= 0.01
-    assert handle.skip is not None and handle.skip.policy is policy
+    assert handle.attachment("skip") is not None and handle.attachment("skip").policy is policy
     assert {c["k"] for c in calibration["candidates"]} == {1, 2, 4}
     chosen = min(calibration["candidates"], key=lambda c: c["kl"])
     assert (policy.k, policy.threshold) == (chosen["k"], chosen["threshold"])
@@ -225,7 +225,7 @@ def test_calibration_refuses_impossible_requests(kwargs, message):
     handle = deep(dtype=torch.float32)
     with pytest.raises(SkipError, match=message.replace("(", r"\(").replace(")", r"\)")):
         calibrate_skip(handle, **{**CALIBRATION, **kwargs})
-    assert handle.skip is None
+    assert handle.attachment("skip") is None
 
 
 def test_generation_refuses_a_warmup_that_outlasts_it():
@@ -268,9 +268,9 @@ def test_a_saved_policy_is_restored_by_load_model_and_refused_for_other_weights(
     handle, policy = _saved_with_policy(tmp_path)
     expected = _tokens(handle, PROMPTS)["tokens"]
     reloaded = load_model(str(tmp_path / "model"))
-    assert reloaded.skip is not None and reloaded.skip.policy.threshold == policy.threshold
+    assert reloaded.attachment("skip") is not None and reloaded.attachment("skip").policy.threshold == policy.threshold
     assert torch.equal(_tokens(reloaded, PROMPTS)["tokens"], expected)
-    assert load_model(str(tmp_path / "model"), dtype="bfloat16").skip is not None  # same model, other dtype
+    assert load_model(str(tmp_path / "model"), dtype="bfloat16").attachment("skip") is not None  # same model, other dtype
     other = deep(dtype=torch.float32)
     other.model.model.layers[3].mlp.down_proj.weight.data.mul_(1.5)
     save_model(other, tmp_path / "other")
@@ -350,4 +350,4 @@ def test_recipe_skip_stage(tmp_path):
     report = sf.run_recipe(recipe, str(tmp_path / "run"), progress=False)
     assert "skip" in report["metrics"]["after"]["speed"]
     reloaded = load_model(str(tmp_path / "run"))
-    assert reloaded.skip is not None and reloaded.skip.policy.k == 1
+    assert reloaded.attachment("skip") is not None and reloaded.attachment("skip").policy.k == 1

@@ -422,13 +422,14 @@ def generate(
                            temperature=temperature, top_p=top_p, seed=seed)
     out.print(prompt + result["texts"][0], highlight=False, markup=False)
     summary = result["skip"]
-    if handle.experts is not None:
-        _log(f"{handle.experts.settings.describe()}: {handle.experts.settings.topk} of "
-             f"{handle.experts.layout.routed} routed experts ran per token in every FFN")
+    experts, skip = handle.attachment("experts"), handle.attachment("skip")
+    if experts is not None:
+        _log(f"{experts.settings.describe()}: {experts.settings.topk} of "
+             f"{experts.layout.routed} routed experts ran per token in every FFN")
     elif summary is None:
         _log("no skip policy: every FFN block ran")
     else:
-        _log(f"{handle.skip.policy.describe()}: skipped {summary['ratio']:.1%} of FFN blocks over "
+        _log(f"{skip.policy.describe()}: skipped {summary['ratio']:.1%} of FFN blocks over "
              f"{summary['governed_tokens']} tokens ({summary['warmup_tokens']} warm-up tokens ran densely)")
 
 

@@ -275,7 +275,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrit
         if dense is not None:
             with _timed(timings, "speed"):
                 speed = compare_with_settings({"before": dense, "after": handle.model}, recipe.evaluate,
-                                              skip=handle.skip)
+                                              skip=handle.attachment("skip"))
             before["speed"], after["speed"] = speed["before"], speed["after"]
             del dense
         export = None

@@ -86,7 +86,7 @@ def evaluate_session(handle: LoadedModel, settings: EvalSettings, baseline: Load
     if settings.speed:
         start = time.perf_counter()
         models = {"model": handle.model} if baseline is None else {"baseline": baseline.model, "model": handle.model}
-        speed = compare_with_settings(models, settings, skip=getattr(handle, "skip", None))
+        speed = compare_with_settings(models, settings, skip=handle.attachment("skip"))
         metrics["speed"] = speed["model"]
         if reference is not None:
             reference["speed"] = speed["baseline"]

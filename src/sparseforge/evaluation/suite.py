@@ -51,7 +51,7 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
     """
     metrics: dict = {"sparsity": sparsity_summary(handle)["overall"], "parameters": parameter_counts(handle)}
     skip = _SkipRecorder(handle, metrics)
-    experts = getattr(handle, "experts", None)  # a factorized model: which experts the evaluation routed to
+    experts = handle.attachment("experts")  # a factorized model: which experts the evaluation routed to
     if experts is not None:
         experts.reset_usage()
     if windows is not None:
@@ -75,12 +75,12 @@ def evaluate(handle: LoadedModel, windows: torch.Tensor | None = None, corpus: d
 
 
 class _SkipRecorder:
-    """With an FFN-skip policy installed (``handle.skip``), every measurement runs with it: text is scored
+    """With an FFN-skip policy installed (``handle.attachment("skip")``), every measurement runs with it: text is scored
     teacher-forced as if the policy had generated it (after its warm-up), generation skips for real; what it
     skipped in each part is recorded under ``metrics["skip"]``. Without a policy, nothing happens."""
 
     def __init__(self, handle: LoadedModel, metrics: dict):
-        self.controller = getattr(handle, "skip", None)
+        self.controller = handle.attachment("skip")
         if self.controller is not None:
             metrics["skip"] = {"policy": self.controller.policy.describe()}
             self.record = metrics["skip"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+
+import torch
 from pathlib import Path
 
 from ..errors import CorruptCheckpointError
@@ -51,3 +53,12 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digest(tensors: list) -> str:
+    """Content hash of tensors: the fingerprint of weights or calibration windows that checkpoints, caches and
+    attachments record, so that a resume or a restore on other data or other weights is refused."""
+    digest_of = hashlib.sha256()
+    for tensor in tensors:
+        digest_of.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest_of.hexdigest()[:16]

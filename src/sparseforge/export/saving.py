@@ -137,14 +137,8 @@ def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", d
         }
         description["manifest_sha256"] = manifest_digest(description)
         (tmp / FORMAT_FILE).write_text(json.dumps(description, indent=1))
-        if handle.skip is not None:  # the FFN-skip policy travels with the model it was calibrated for
-            from ..skip.policy import save_policy
-
-            save_policy(handle.skip.policy, tmp)
-        if handle.experts is not None:  # so do the routers of a factorized model
-            from ..moe.storage import save_experts
-
-            save_experts(handle, tmp)
+        for attachment in handle.attachments.values():  # a skip policy, routers: they travel with their weights
+            attachment.save(tmp)
     return description
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..prune.sequential import digest
+from ..export.integrity import digest
 
 
 def model_fingerprint(adapter) -> dict:

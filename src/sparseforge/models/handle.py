@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import MissingTokenizerError
 from .adapters import ModelAdapter, adapter_for
+from .attachments import Attachment, AttachmentConflict
 
 
 @dataclass
@@ -28,11 +29,36 @@ class LoadedModel:
     history: list[dict] = field(default_factory=list)  # one report per stage applied (method, settings, events)
     bos: str = "auto"
     adapter: ModelAdapter = field(init=False)
-    skip: object | None = field(default=None, init=False, repr=False)  # installed FFN-skip policy (skip.runtime)
-    experts: object | None = field(default=None, init=False, repr=False)  # routers of a factorized model (moe.routing)
+    attachments: dict[str, Attachment] = field(default_factory=dict, init=False, repr=False)  # kind -> attachment
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)
+
+    def check_attachable(self, kind: str, takes_over_ffn: bool) -> None:
+        """Refuse, before it is built, an attachment that would take over an FFN another one already runs."""
+        other = self.ffn_taken_over_by()
+        if takes_over_ffn and other is not None and other != kind:
+            raise AttachmentConflict(f"this model already has {other} attached; {other} and {kind} both take over "
+                                     "the FFN, so use one or the other")
+
+    def attach(self, attachment: Attachment) -> None:
+        """Install ``attachment``, replacing one of the same kind; two that take over the FFN are refused."""
+        self.check_attachable(attachment.kind, attachment.takes_over_ffn)
+        self.detach(attachment.kind)
+        self.attachments[attachment.kind] = attachment
+
+    def detach(self, kind: str) -> None:
+        """Remove the attachment of ``kind`` (if any) from the model."""
+        attachment = self.attachments.pop(kind, None)
+        if attachment is not None:
+            attachment.remove()
+
+    def attachment(self, kind: str) -> Attachment | None:
+        return self.attachments.get(kind)
+
+    def ffn_taken_over_by(self) -> str | None:
+        """The kind of the attachment that runs the FFN instead of the model, if any."""
+        return next((a.kind for a in self.attachments.values() if a.takes_over_ffn), None)
 
     def require_tokenizer(self, purpose: str):
         """The tokenizer, or a clear error: a weights-only directory loads, but cannot read text."""

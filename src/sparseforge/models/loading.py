@@ -19,6 +19,7 @@ from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format, verify_weights
 from .adapters import adapter_for, check_supported
+from .attachments import restore_attachments
 from .default import default_model_dir
 from .gguf import converted_gguf_directory
 from .handle import LoadedModel
@@ -183,31 +184,5 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
         _masks_from_zeros(handle)
     handle.model.to(target_device)
     if spec != "default" and not spec.startswith("tiny-") and Path(spec).expanduser().is_dir():
-        directory = resolve_model_directory(Path(spec).expanduser())
-        _restore_skip_policy(handle, directory)
-        _restore_experts(handle, directory)
+        restore_attachments(handle, resolve_model_directory(Path(spec).expanduser()))
     return handle
-
-
-def _restore_experts(handle: LoadedModel, directory: Path) -> None:
-    """A factorized model comes back with its routers (checked against the weights), so it runs sparsely."""
-    from ..moe.routing import EXPERTS_KEY
-    from ..moe.storage import SETTINGS_FILE, has_experts, load_experts
-
-    if has_experts(directory):
-        load_experts(handle, directory)
-    elif getattr(handle.model.config, EXPERTS_KEY, None):
-        raise CorruptCheckpointError(f"{directory} is a factorized model but its router files ({SETTINGS_FILE}) are "
-                                     "missing; transformers alone loads it as the dense model")
-
-
-def _restore_skip_policy(handle: LoadedModel, directory: Path) -> None:
-    """A directory saved with an FFN-skip policy (``skip_policy.json``) comes back with the policy installed,
-    after checking it was calibrated for these weights."""
-    from ..skip.policy import POLICY_FILE, check_fingerprint, read_policy
-    from ..skip.runtime import install_policy
-
-    if (directory / POLICY_FILE).exists():
-        policy = read_policy(directory / POLICY_FILE)
-        check_fingerprint(policy, handle.adapter, str(directory / POLICY_FILE))
-        install_policy(handle, policy)

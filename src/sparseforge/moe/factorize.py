@@ -28,14 +28,12 @@ def check_factorize_request(handle: LoadedModel, experts: int, topk: int, partit
                             shared_expert: bool = False) -> None:
     """Every refusal in one place, so a recipe fails before any evaluation."""
     adapter = handle.adapter
-    if getattr(handle, "experts", None) is not None or getattr(adapter.config, EXPERTS_KEY, None):
+    if handle.attachment(ExpertRouting.kind) is not None or getattr(adapter.config, EXPERTS_KEY, None):
         raise FactorizeError("this model is factorized into experts already; factorize the dense model instead")
     if structure_of(adapter) is not None:
         raise FactorizeError("this model was structurally shrunk (its FFN widths were cut); factorize the "
                              "dense model, before shrinking")
-    if getattr(handle, "skip", None) is not None:
-        raise FactorizeError("an FFN-skip policy is installed; expert dispatch and FFN skipping both take over "
-                             "the FFN, so use one or the other")
+    handle.check_attachable(ExpertRouting.kind, ExpertRouting.takes_over_ffn)
     if partition not in PARTITIONS:
         raise FactorizeError(f"unknown partition '{partition}'; available: {', '.join(PARTITIONS)}")
     if shared_expert and experts < 2:
@@ -104,8 +102,9 @@ def make_routers(adapter, routed: int, seed: int) -> nn.ModuleList:
 def install_experts(handle: LoadedModel, settings: ExpertSettings, routers: nn.ModuleList,
                     partitions: list[torch.Tensor]) -> ExpertRouting:
     """Attach routers to a model whose neurons are already in expert order (after :func:`factorize`, or loading)."""
+    handle.check_attachable(ExpertRouting.kind, ExpertRouting.takes_over_ffn)
     routing = ExpertRouting(handle.adapter, settings, routers, partitions)
-    handle.experts = routing
+    handle.attach(routing)
     setattr(handle.adapter.config, EXPERTS_KEY, {"experts": settings.experts, "topk": settings.topk,
                                                  "shared_expert": settings.shared_expert,
                                                  "partition": settings.partition})
@@ -144,8 +143,6 @@ def factorize(handle: LoadedModel, experts: int = 4, topk: int = 1, partition: s
 
 def unfactorize(handle: LoadedModel) -> None:
     """Remove the routers: every expert runs again (the dense model, neurons in expert order)."""
-    if handle.experts is not None:
-        handle.experts.remove()
-        handle.experts = None
+    handle.detach(ExpertRouting.kind)
     if hasattr(handle.adapter.config, EXPERTS_KEY):
         delattr(handle.adapter.config, EXPERTS_KEY)

@@ -8,6 +8,7 @@ file next to it (:mod:`.storage`), checked against a fingerprint of the weights 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
@@ -46,7 +47,11 @@ class ExpertSettings(BaseModel):
 
 class ExpertRouting:
     """Routers and dispatches of every FFN of a factorized model. ``partitions[layer]`` records which original
-    neurons form each expert ([experts, size], the shared expert first when there is one)."""
+    neurons form each expert ([experts, size], the shared expert first when there is one). The model attachment of
+    kind ``experts`` (saved as ``experts.json`` and ``experts.safetensors`` next to an export's weights)."""
+
+    kind = "experts"
+    takes_over_ffn = True
 
     def __init__(self, adapter: ModelAdapter, settings: ExpertSettings, routers: nn.ModuleList,
                  partitions: list[torch.Tensor]):
@@ -63,6 +68,11 @@ class ExpertRouting:
     def remove(self) -> None:
         for dispatch in self.dispatches:
             dispatch.remove()
+
+    def save(self, directory: Path) -> None:
+        from .storage import save_experts
+
+        save_experts(self, directory)
 
     @contextlib.contextmanager
     def dense(self, router_grad: Literal[ROUTER_GRADS] = "pa_only") -> Iterator[list[ExpertDispatch]]:  # type: ignore[valid-type]

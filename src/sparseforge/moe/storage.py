@@ -20,16 +20,15 @@ from ..models.fingerprint import fingerprint_differences, model_fingerprint
 from ..models.handle import LoadedModel
 from ..prune.checkpoint import load_tensors, save_tensors
 from .factorize import install_experts, make_routers
-from .routing import ExpertSettings
+from .routing import EXPERTS_KEY, ExpertRouting, ExpertSettings
 
 SETTINGS_FILE = "experts.json"
 ROUTERS_FILE = "experts.safetensors"
 
 
-def save_experts(handle: LoadedModel, directory: str | Path) -> None:
-    routing = handle.experts
+def save_experts(routing: ExpertRouting, directory: str | Path) -> None:
     directory = Path(directory)
-    settings = routing.settings.model_copy(update={"model": model_fingerprint(handle.adapter)})
+    settings = routing.settings.model_copy(update={"model": model_fingerprint(routing.adapter)})
     tensors = {}
     for layer, (router, partition) in enumerate(zip(routing.routers, routing.partitions)):
         tensors[f"layers.{layer}.router.weight"] = router.weight
@@ -49,6 +48,16 @@ def read_settings(path: Path) -> ExpertSettings:
     except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0]
         raise CorruptCheckpointError(f"{path} is not a valid experts file: {first}") from None
+
+
+def restore_experts(handle: LoadedModel, directory: str | Path) -> None:
+    """A factorized model comes back with its routers (checked against the weights), so it runs sparsely; one whose
+    router files are missing is refused (transformers alone would load it as the dense model)."""
+    if has_experts(directory):
+        load_experts(handle, directory)
+    elif getattr(handle.model.config, EXPERTS_KEY, None):
+        raise CorruptCheckpointError(f"{directory} is a factorized model but its router files ({SETTINGS_FILE}) are "
+                                     "missing; transformers alone loads it as the dense model")
 
 
 def load_experts(handle: LoadedModel, directory: str | Path) -> None:

@@ -29,9 +29,10 @@ from .routing import ROUTER_GRADS, ExpertRouting
 
 
 def _routing(handle: LoadedModel) -> ExpertRouting:
-    if handle.experts is None:
+    routing = handle.attachment(ExpertRouting.kind)
+    if routing is None:
         raise FactorizeError("this model is not factorized; call sparseforge.moe.factorize first")
-    return handle.experts
+    return routing
 
 
 def router_loss(routing: ExpertRouting, pa_weight: float, balance_weight: float,

@@ -25,7 +25,8 @@ from ..sparsity.allocation import get_allocation
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
 from .checkpoint import Checkpoint
 from .methods import Method, get_method
-from .sequential import OWLConfig, SequentialPlan, digest, prune_data_free, prune_sequential
+from ..export.integrity import digest
+from .sequential import OWLConfig, SequentialPlan, prune_data_free, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
 REFINEMENTS = ("dsnot",)

@@ -16,7 +16,6 @@ device, so memory grows with the width of a block, not with depth. Windows go th
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,14 +81,6 @@ def _to(obj, device: torch.device, moved: dict[int, torch.Tensor]):
     if isinstance(obj, dict):
         return {k: _to(v, device, moved) for k, v in obj.items()}
     return obj
-
-
-def digest(tensors: list[torch.Tensor]) -> str:
-    """Content hash of tensors (settings fingerprint for checkpoints)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class BlockInputs:

@@ -30,7 +30,8 @@ from ..models.handle import LoadedModel
 from ..prune.checkpoint import save_tensors
 from ..prune.methods import Method
 from ..prune.scorers import wanda_scores
-from ..prune.sequential import BlockInputs, digest
+from ..export.integrity import digest
+from ..prune.sequential import BlockInputs
 from ..prune.statistics import InputStatistics
 from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask

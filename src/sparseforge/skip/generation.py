@@ -30,7 +30,7 @@ def generate(handle: LoadedModel, prompts: str | list[str], max_new_tokens: int 
     Returns ``{"texts": [...], "skip": accounting summary or None}``; the accounting covers this call only.
     """
     tokenizer = handle.require_tokenizer("generation")
-    controller = handle.skip
+    controller = handle.attachment("skip")
     check_sampling(max_new_tokens, do_sample, temperature, top_p, seed)
     if controller is not None and controller.policy.warmup >= max_new_tokens:
         raise SkipError(f"warm-up of {controller.policy.warmup} tokens is not shorter than the {max_new_tokens} "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -31,7 +32,7 @@ from ..models.adapters.base import get_path
 from ..models.cache import cache_in
 from ..models.overrides import ForwardOverrides
 from ..models.surgery import attention_heads
-from .policy import SkipPolicy
+from .policy import POLICY_FILE, SkipPolicy, check_fingerprint, read_policy, save_policy
 
 
 @dataclass
@@ -83,7 +84,11 @@ class SkipAccounting:
 
 
 class SkipController:
-    """Hooks implementing ``policy`` on ``handle``'s model, plus the accounting of what was skipped."""
+    """Hooks implementing ``policy`` on ``handle``'s model, plus the accounting of what was skipped: the model
+    attachment of kind ``skip`` (saved as ``skip_policy.json`` next to an export's weights)."""
+
+    kind = "skip"
+    takes_over_ffn = True
 
     def __init__(self, handle, policy: SkipPolicy):
         adapter = handle.adapter
@@ -138,6 +143,10 @@ class SkipController:
             handle.remove()
         self._overrides.restore()
         self._handles = []
+
+    def save(self, directory: Path) -> None:
+        """The policy travels with the model it was calibrated for (``skip_policy.json``)."""
+        save_policy(self.policy, directory)
 
     def _override_attention(self, layer: int, attention) -> None:
         """Early exit: a token that exited writes zero keys and values here, so later tokens find holes."""
@@ -359,18 +368,24 @@ def _cosine_one(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def install_policy(handle, policy: SkipPolicy) -> SkipController:
-    """Install ``policy`` on ``handle`` (replacing any installed one); ``handle.skip`` is the controller."""
-    if getattr(handle, "experts", None) is not None:
-        raise SkipError("this model is factorized into experts; expert dispatch and FFN skipping both take over the "
-                        "FFN, so use one or the other")
+    """Install ``policy`` on ``handle`` (replacing any installed one); ``handle.attachment("skip")`` is the
+    controller."""
+    handle.check_attachable(SkipController.kind, SkipController.takes_over_ffn)
     uninstall_policy(handle)
     controller = SkipController(handle, policy)
-    handle.skip = controller
+    handle.attach(controller)
     return controller
 
 
 def uninstall_policy(handle) -> None:
-    controller = getattr(handle, "skip", None)
-    if controller is not None:
-        controller.remove()
-    handle.skip = None
+    handle.detach(SkipController.kind)
+
+
+def restore_policy(handle, directory: Path) -> None:
+    """A directory saved with an FFN-skip policy comes back with the policy installed, after checking it was
+    calibrated for these weights."""
+    path = Path(directory) / POLICY_FILE
+    if path.exists():
+        policy = read_policy(path)
+        check_fingerprint(policy, handle.adapter, str(path))
+        install_policy(handle, policy)

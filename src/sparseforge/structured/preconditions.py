@@ -15,9 +15,9 @@ def check_shrinkable(handle: LoadedModel, what: str) -> None:
         raise StructureError(f"{handle.source} has pruning masks on {len(handle.masks)} linears; {what} removes "
                              "whole neurons, heads or sub-layers from a dense model: run it before unstructured or "
                              "N:M pruning, not after")
-    if getattr(handle, "experts", None) is not None:
-        raise StructureError(f"{handle.source} is factorized into experts; {what} would cut through them: "
-                             "shrink the dense model, then factorize")
+    if handle.ffn_taken_over_by() is not None:
+        raise StructureError(f"{handle.source} has {handle.ffn_taken_over_by()} attached, which runs its FFNs; "
+                             f"{what} would cut through them: shrink the dense model first")
 
 
 def original_shape(handle: LoadedModel) -> dict:

@@ -1,0 +1,93 @@
+"""The shape of the code: what the central packages may import, and the model-attachment protocol end to end."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+import sparseforge
+from sparseforge.export.saving import save_model
+from sparseforge.models import attachments
+from sparseforge.models.attachments import AttachmentConflict, register_restorer
+from sparseforge.models.loading import load_model
+from sparseforge.registry import METHOD_PACKAGES
+
+SOURCE = Path(sparseforge.__file__).parent
+METHODS = {"skip", "moe", "prune", "retrain", "structured", "search", "dst", "refine"}
+assert set(METHOD_PACKAGES) <= METHODS
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Absolute ``sparseforge.*`` modules imported by ``path`` (``if TYPE_CHECKING:`` blocks do not run)."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and
+               getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
+    package = path.relative_to(SOURCE.parent).with_suffix("").parts
+    package = package[:-1] if package[-1] != "__init__" else package[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            found.add(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {name for name in found if name.startswith("sparseforge")}
+
+
+@pytest.mark.parametrize("core", ["models", "export", "sparsity", "data"])
+def test_core_packages_import_no_method_package(core):
+    offending = {f"{path.relative_to(SOURCE)} -> {name}" for path in (SOURCE / core).rglob("*.py")
+                 for name in _runtime_imports(path) if name.split(".")[1:2] and name.split(".")[1] in METHODS}
+    assert not offending, sorted(offending)
+
+
+class Toy:
+    """A test-only attachment: one file in the export, restored by a restorer registered from here."""
+
+    kind = "toy"
+    takes_over_ffn = False
+
+    def __init__(self, value: int):
+        self.value = value
+        self.removed = False
+
+    def save(self, directory: Path) -> None:
+        (directory / "toy.json").write_text(json.dumps({"value": self.value}))
+
+    def remove(self) -> None:
+        self.removed = True
+
+
+def _restore_toy(handle, directory: Path) -> None:
+    if (directory / "toy.json").exists():
+        handle.attach(Toy(json.loads((directory / "toy.json").read_text())["value"]))
+
+
+def test_an_attachment_travels_through_save_and_load_with_no_central_edit(tmp_path, monkeypatch):
+    monkeypatch.setattr(attachments, "_RESTORERS", dict(attachments._RESTORERS))
+    register_restorer(Toy.kind, _restore_toy)
+    handle = load_model("tiny-llama")
+    handle.attach(Toy(7))
+    save_model(handle, tmp_path / "export")
+    reloaded = load_model(str(tmp_path / "export"))
+    assert isinstance(reloaded.attachment("toy"), Toy) and reloaded.attachment("toy").value == 7
+    first = reloaded.attachment("toy")
+    reloaded.attach(Toy(8))  # one per kind: the old one is removed
+    assert first.removed and reloaded.attachment("toy").value == 8
+    reloaded.detach("toy")
+    assert reloaded.attachment("toy") is None
+
+
+def test_two_attachments_that_take_over_the_ffn_are_refused():
+    from sparseforge.skip import SkipPolicy, install_policy
+
+    handle = load_model("tiny-llama")
+    install_policy(handle, SkipPolicy(threshold=1.01, cold_start=0, cold_end=0))
+    rival = Toy(1)
+    rival.takes_over_ffn = True
+    with pytest.raises(AttachmentConflict, match="skip and toy both take over the FFN"):
+        handle.attach(rival)
+    assert handle.ffn_taken_over_by() == "skip"
