@@ -1,0 +1,244 @@
+// AVX-512 kernels, included by kernels_avx512.cpp and kernels_avx512_vbmi2.cpp. The includer defines
+// SF_TARGET_ISA (the target attribute string), SF_VBMI2 (0/1) and SF_NS (the namespace of its entry points), so the
+// two copies never share a symbol and each is compiled only for the instructions its name promises.
+//
+// Work unit: OB output features x RB rows of x, one accumulator each (OB*RB independent FMA chains), over chunks
+// of 32 inputs. Every weight chunk is decoded once into two vectors of 16 fp32 and used for RB rows; every x
+// chunk is loaded once and used for OB output features.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+
+#define SF_INLINE __attribute__((always_inline, target(SF_TARGET_ISA))) inline
+#define SF_TARGET __attribute__((target(SF_TARGET_ISA)))
+
+namespace sf::SF_NS {
+namespace {
+
+constexpr int kOB = 4;       // output features per work unit
+constexpr int kMaxRows = 4;  // rows of x per work unit
+
+template <bool BF16>
+SF_INLINE __m512 widen(__m256i h) {
+  if constexpr (BF16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+template <bool BF16>
+SF_INLINE void widen32(__m512i raw, __m512& lo, __m512& hi) {
+  lo = widen<BF16>(_mm512_castsi512_si256(raw));
+  hi = widen<BF16>(_mm512_extracti64x4_epi64(raw, 1));
+}
+
+SF_INLINE float finish(__m512 acc, const float* bias, int64_t o) {
+  return _mm512_reduce_add_ps(acc) + (bias ? bias[o] : 0.0f);
+}
+
+// ---- decoders: one chunk of 32 inputs of one output feature -> two vectors of 16 fp32 -------------------------
+
+template <bool BF16>
+struct DenseDecoder {
+  const DenseWeight& w;
+  int64_t in;
+  struct Cursor {
+    const uint16_t* p;
+  };
+  Cursor start(int64_t o) const { return {w.values + o * in}; }
+  int64_t full_chunks() const { return in / kWindow; }
+  __mmask32 tail_mask() const { return __mmask32((1u << (in % kWindow)) - 1u); }
+  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi) const {
+    widen32<BF16>(_mm512_loadu_si512(c.p), lo, hi);
+    c.p += kWindow;
+  }
+  SF_INLINE void load_tail(Cursor& c, __mmask32 k, __m512& lo, __m512& hi) const {
+    widen32<BF16>(_mm512_maskz_loadu_epi16(k, c.p), lo, hi);
+  }
+};
+
+// Masks beyond `in` are zero and x is zero-padded, so every chunk is a full one.
+template <bool BF16>
+struct BitmaskDecoder {
+  const BitmaskWeight& w;
+  int64_t in;
+  struct Cursor {
+    const uint16_t* p;
+    const uint32_t* mask;
+  };
+  int64_t chunks() const { return (in + kWindow - 1) / kWindow; }
+  Cursor start(int64_t o) const { return {w.values + w.offsets[o], w.masks + o * chunks()}; }
+  int64_t full_chunks() const { return chunks(); }
+  __mmask32 tail_mask() const { return 0; }
+  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi) const {
+    const uint32_t m = *c.mask++;
+#if SF_VBMI2
+    // one expand places the kept 16-bit values at their inputs (values are padded, the full load is safe)
+    widen32<BF16>(_mm512_maskz_expand_epi16(_cvtu32_mask32(m), _mm512_loadu_si512(c.p)), lo, hi);
+    c.p += _mm_popcnt_u32(m);
+#else
+    // without VBMI2: widen the next 16 kept values, then expand them as 32-bit lanes, once per half
+    const uint32_t m0 = m & 0xFFFFu, m1 = m >> 16;
+    lo = _mm512_maskz_expand_ps(_cvtu32_mask16(m0), widen<BF16>(_mm256_loadu_si256((const __m256i*)c.p)));
+    c.p += _mm_popcnt_u32(m0);
+    hi = _mm512_maskz_expand_ps(_cvtu32_mask16(m1), widen<BF16>(_mm256_loadu_si256((const __m256i*)c.p)));
+    c.p += _mm_popcnt_u32(m1);
+#endif
+  }
+  SF_INLINE void load_tail(Cursor&, __mmask32, __m512&, __m512&) const {}
+};
+
+// ---- expand kernel: decoded chunks times x --------------------------------------------------------------------
+
+template <int OB, int RB>
+SF_INLINE void fma_chunk(__m512 (&acc)[OB][RB], const __m512 (&w)[OB][2], const float* x, int64_t ldx) {
+  SF_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    const __m512 x0 = _mm512_loadu_ps(x + r * ldx), x1 = _mm512_loadu_ps(x + r * ldx + 16);
+    SF_UNROLL
+    for (int j = 0; j < OB; ++j) acc[j][r] = _mm512_fmadd_ps(w[j][1], x1, _mm512_fmadd_ps(w[j][0], x0, acc[j][r]));
+  }
+}
+
+template <class Decoder>
+struct ExpandKernel {
+  using Context = Decoder;
+  template <int OB, int RB>
+  SF_TARGET static void tile(const Problem& p, const Decoder& dec, int64_t o0, int64_t r0) {
+    typename Decoder::Cursor cur[OB];
+    for (int j = 0; j < OB; ++j) cur[j] = dec.start(o0 + j);
+    __m512 acc[OB][RB];
+    for (int j = 0; j < OB; ++j)
+      for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
+    const float* x = p.x + r0 * p.ldx;
+    __m512 w[OB][2];
+    const int64_t full = dec.full_chunks();
+    for (int64_t c = 0; c < full; ++c) {
+      SF_UNROLL
+      for (int j = 0; j < OB; ++j) dec.load(cur[j], w[j][0], w[j][1]);
+      fma_chunk<OB, RB>(acc, w, x + c * kWindow, p.ldx);
+    }
+    if (const __mmask32 k = dec.tail_mask()) {
+      SF_UNROLL
+      for (int j = 0; j < OB; ++j) dec.load_tail(cur[j], k, w[j][0], w[j][1]);
+      fma_chunk<OB, RB>(acc, w, x + full * kWindow, p.ldx);
+    }
+    for (int j = 0; j < OB; ++j)
+      for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.out + o0 + j] = finish(acc[j][r], p.bias, o0 + j);
+  }
+};
+
+// ---- gather kernel (N:M): kept values times x gathered from the 32-input window -------------------------------
+
+// Per 16-lane batch of a window's kept values: where each lane's position bits are and its group's first input.
+struct GatherContext {
+  const NMWeight& w;
+  int64_t in;
+  int kept;         // kept values per full window
+  int tail_kept;    // kept values in the last, partial window (0 if none)
+  int64_t wbytes;   // position bytes per full window
+  int64_t row_values;
+  __m512i word[2], word_next[2], shift[2], shift_next[2], base[2];
+  __mmask16 full_mask[2], tail_mask[2];
+
+  SF_TARGET GatherContext(const NMWeight& w_, int64_t in_) : w(w_), in(in_) {
+    const int bits = nm_bits(w.m);
+    kept = kWindow / w.m * w.n;
+    tail_kept = int(in % kWindow) / w.m * w.n;
+    wbytes = nm_window_bytes(kept, bits);
+    row_values = in / w.m * w.n;
+    for (int b = 0; b < 2; ++b) {
+      alignas(64) int32_t wd[16], wn[16], sh[16], shn[16], bs[16];
+      for (int l = 0; l < 16; ++l) {
+        const int i = 16 * b + l, bit = i * bits;
+        wd[l] = bit / 32, wn[l] = bit / 32 + 1, sh[l] = bit % 32, shn[l] = 32 - bit % 32;
+        bs[l] = i / w.n * w.m;
+      }
+      word[b] = _mm512_load_si512(wd), word_next[b] = _mm512_load_si512(wn);
+      shift[b] = _mm512_load_si512(sh), shift_next[b] = _mm512_load_si512(shn), base[b] = _mm512_load_si512(bs);
+      full_mask[b] = _cvtu32_mask16(lanes(kept - 16 * b));
+      tail_mask[b] = _cvtu32_mask16(lanes(tail_kept - 16 * b));
+    }
+  }
+  static uint32_t lanes(int count) { return count <= 0 ? 0u : count >= 16 ? 0xFFFFu : (1u << count) - 1u; }
+};
+
+template <bool BF16, int BITS>
+struct GatherKernel {
+  using Context = GatherContext;
+
+  // input index (0..31 inside the window) of each of 16 kept values
+  SF_INLINE static __m512i indices(const GatherContext& g, const uint8_t* pos, int b) {
+    const __m512i bits = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)pos));
+    __m512i v = _mm512_srlv_epi32(_mm512_permutexvar_epi32(g.word[b], bits), g.shift[b]);
+    if constexpr (BITS == 3) {  // a 3-bit field may straddle two 32-bit words
+      v = _mm512_or_si512(v, _mm512_sllv_epi32(_mm512_permutexvar_epi32(g.word_next[b], bits), g.shift_next[b]));
+    }
+    return _mm512_add_epi32(_mm512_and_si512(v, _mm512_set1_epi32((1 << BITS) - 1)), g.base[b]);
+  }
+
+  template <int OB, int RB>
+  SF_TARGET static void tile(const Problem& p, const GatherContext& g, int64_t o0, int64_t r0) {
+    const uint16_t* vals[OB];
+    const uint8_t* pos[OB];
+    for (int j = 0; j < OB; ++j) {
+      vals[j] = g.w.values + (o0 + j) * g.row_values;
+      pos[j] = g.w.positions + (o0 + j) * g.w.pos_stride;
+    }
+    __m512 acc[OB][RB];
+    for (int j = 0; j < OB; ++j)
+      for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
+    const float* x = p.x + r0 * p.ldx;
+    const int64_t windows = (p.in + kWindow - 1) / kWindow, full = p.in / kWindow;
+    for (int64_t win = 0; win < windows; ++win) {
+      const __mmask16* mask = win < full ? g.full_mask : g.tail_mask;
+      for (int b = 0; b < 2 && mask[b]; ++b) {
+        __m512 wv[OB];
+        __m512i idx[OB];
+        SF_UNROLL
+        for (int j = 0; j < OB; ++j) {
+          wv[j] = widen<BF16>(_mm256_maskz_loadu_epi16(mask[b], vals[j] + 16 * b));
+          idx[j] = indices(g, pos[j], b);
+        }
+        SF_UNROLL
+        for (int r = 0; r < RB; ++r) {
+          const float* xw = x + r * p.ldx + win * kWindow;
+          const __m512 xlo = _mm512_loadu_ps(xw), xhi = _mm512_loadu_ps(xw + 16);
+          SF_UNROLL
+          for (int j = 0; j < OB; ++j)
+            acc[j][r] = _mm512_fmadd_ps(wv[j], _mm512_permutex2var_ps(xlo, idx[j], xhi), acc[j][r]);
+        }
+      }
+      for (int j = 0; j < OB; ++j) vals[j] += g.kept, pos[j] += g.wbytes;
+    }
+    for (int j = 0; j < OB; ++j)
+      for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.out + o0 + j] = finish(acc[j][r], p.bias, o0 + j);
+  }
+};
+
+// ---- driver: work units over [begin, end) x all rows ----------------------------------------------------------
+
+template <class Kernel, int OB>
+SF_TARGET void rows(const Problem& p, const typename Kernel::Context& ctx, int64_t o0) {
+  for (int64_t r0 = 0; r0 < p.rows; r0 += kMaxRows) {
+    switch (std::min<int64_t>(kMaxRows, p.rows - r0)) {
+      case 1: Kernel::template tile<OB, 1>(p, ctx, o0, r0); break;
+      case 2: Kernel::template tile<OB, 2>(p, ctx, o0, r0); break;
+      case 3: Kernel::template tile<OB, 3>(p, ctx, o0, r0); break;
+      default: Kernel::template tile<OB, 4>(p, ctx, o0, r0); break;
+    }
+  }
+}
+
+template <class Kernel>
+SF_TARGET void run(const Problem& p, const typename Kernel::Context& ctx, int64_t begin, int64_t end) {
+  int64_t o = begin;
+  for (; o + kOB <= end; o += kOB) rows<Kernel, kOB>(p, ctx, o);
+  for (; o < end; ++o) rows<Kernel, 1>(p, ctx, o);
+}
+
+}  // namespace
+}  // namespace sf::SF_NS

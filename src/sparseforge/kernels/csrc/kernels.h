@@ -1,0 +1,86 @@
+// Plain C++ interface between the torch-facing driver (ops.cpp) and the per-ISA kernels.
+//
+// The kernel translation units include no torch headers: each is compiled with its own per-function target
+// attributes, and an inline torch function instantiated there could otherwise be emitted with AVX-512 code and
+// picked by the linker for every caller. Weights travel as raw 16-bit patterns (fp16 or bf16, see `bf16`).
+#pragma once
+
+#include <cstdint>
+
+namespace sf {
+
+// y[rows, out] = x[rows, in] @ W.T (+ bias); x is fp32 with row stride ldx >= round_up(in, 32), zero-padded.
+struct Problem {
+  const float* x;
+  int64_t ldx;
+  int64_t rows;
+  float* y;
+  int64_t out;
+  int64_t in;
+  const float* bias;  // nullptr when absent
+  bool bf16;          // weights are bfloat16 (else float16)
+};
+
+// Per output row: ceil(in / 32) little-endian 32-bit masks (bit j of mask c = input 32c + j) and the row's kept
+// values, compacted, starting at values[offsets[row]]. values has 32 readable padding elements past the end.
+struct BitmaskWeight {
+  const uint16_t* values;
+  const uint32_t* masks;
+  const int64_t* offsets;
+};
+
+// N kept of every M inputs. Row r holds in*n/m values at values + r*in*n/m and its positions at
+// positions + r*pos_stride: per window of 32 inputs, ceil(k*bits/8) bytes (k = kept values in the window,
+// bits = log2(m)), kept value i of the window at bits [i*bits, (i+1)*bits), little-endian, giving its place in its
+// group of m. positions has 16 readable padding bytes past the end.
+struct NMWeight {
+  const uint16_t* values;
+  const uint8_t* positions;
+  int64_t pos_stride;
+  int n;
+  int m;
+};
+
+// Row-major [out, in], no padding.
+struct DenseWeight {
+  const uint16_t* values;
+};
+
+// Each kernel computes output features [begin, end) for all rows of x.
+using BitmaskKernel = void (*)(const Problem&, const BitmaskWeight&, int64_t begin, int64_t end);
+using NMKernel = void (*)(const Problem&, const NMWeight&, int64_t begin, int64_t end);
+using DenseKernel = void (*)(const Problem&, const DenseWeight&, int64_t begin, int64_t end);
+
+namespace portable {
+void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
+void nm(const Problem&, const NMWeight&, int64_t, int64_t);
+void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+}  // namespace portable
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SF_X86 1
+namespace avx2 {
+void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
+void nm(const Problem&, const NMWeight&, int64_t, int64_t);
+void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+}  // namespace avx2
+namespace avx512 {
+void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
+void nm(const Problem&, const NMWeight&, int64_t, int64_t);
+void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+}  // namespace avx512
+namespace avx512_vbmi2 {
+void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
+}  // namespace avx512_vbmi2
+#endif
+
+// Loops over the OB output features and RB rows of a work unit: fully unrolled, so accumulators, decoded weights
+// and cursors stay in registers.
+#define SF_UNROLL _Pragma("GCC unroll 8")
+
+// Kept-value window geometry shared by every N:M kernel and by the Python packer.
+constexpr int kWindow = 32;
+inline int nm_bits(int m) { return m == 4 ? 2 : m == 8 ? 3 : 4; }
+inline int64_t nm_window_bytes(int kept, int bits) { return (int64_t(kept) * bits + 7) / 8; }
+
+}  // namespace sf
