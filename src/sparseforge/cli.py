@@ -238,8 +238,9 @@ def shrink(
     heads: str = typer.Option("0", help="fraction of query heads to remove: one value, or one per block"),
     score: str = typer.Option("fluctuation", help="importance: magnitude (no data), wanda, fluctuation (FLAP)"),
     round_to: int = typer.Option(1, help="keep FFN widths a multiple of this, e.g. 8 or 64"),
-    head_unit: str = typer.Option("auto", help="with GQA: within (query heads inside each group, the default) or "
-                                               "group (whole key/value groups)"),
+    head_unit: str = typer.Option("auto", help="with GQA: auto (within when groups hold several query heads, "
+                                               "else group), within (query heads inside each group) or group "
+                                               "(whole key/value groups)"),
     compensate: bool = typer.Option(False, help="add removed neurons' mean contribution to the output bias"),
     calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
     nsamples: int = typer.Option(32, help="number of calibration windows"),

@@ -1,8 +1,8 @@
 """The validated description of a run: model, data, stages, evaluation, export.
 
 Recipes are plain YAML (read with ``yaml.safe_load``) or Python objects; every section rejects unknown keys and
-names the offending one. A stage is a one-key mapping (``- prune: {...}``); later stage types (``refine``,
-``retrain``, ``shrink``, ...) are added as further optional fields of :class:`StageEntry`.
+names the offending one. A stage is a one-key mapping (``- prune: {...}``, ``- retrain: ...``, ``- shrink: ...``,
+``finercut``, ``skip``, ``factorize``, ``dst``, ``search``), one optional field of :class:`StageEntry` each.
 """
 
 from __future__ import annotations

@@ -42,8 +42,3 @@ SCORERS: dict[str, Scorer] = {
     "wanda": Scorer("wanda", wanda_scores, frozenset({"norms"}), description="|W| * ||X||: calibrated, no update"),
 }
 
-
-def get_scorer(name: str) -> Scorer:
-    if name not in SCORERS:
-        raise PatternError(f"unknown score '{name}'; available: {', '.join(sorted(SCORERS))}")
-    return SCORERS[name]

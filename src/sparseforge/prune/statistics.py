@@ -15,9 +15,6 @@ import torch
 
 from ..models.adapters import LinearView
 
-NEEDS = frozenset({"norms", "moments", "hessian"})
-
-
 class AllInputsSeen(Exception):
     """Raised by the hooks once every linear of the block has seen its input: the rest of the forward is waste."""
 

@@ -322,5 +322,3 @@ class ModelAdapter:
         out = self.blocks()[index](hidden, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-
-AdapterFactory = Callable[[nn.Module], ModelAdapter]
