@@ -1,6 +1,10 @@
+import dataclasses
+
 import pytest
 
 import sparseforge.pipeline as pipeline
+from sparseforge.prune import stage as prune_stage
+import sparseforge.stages as stages
 from sparseforge.recipe import parse_recipe
 
 
@@ -52,7 +56,8 @@ def test_interrupted_run_leaves_no_run_directory(text_file, tmp_path, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "prune", interrupted)
+    spec = stages.stage_specs()["prune"]
+    monkeypatch.setitem(stages._STAGES, "prune", dataclasses.replace(spec, run=interrupted))
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(_recipe(text_file), tmp_path / "run", progress=False)
     assert list(tmp_path.iterdir()) == [text_file]
@@ -70,7 +75,7 @@ def _calibrated(text_file):
 
 def test_calibrated_run_resumes_after_interruption_and_cleans_up(text_file, tmp_path, monkeypatch):
     reference = pipeline.run_recipe(_calibrated(text_file), tmp_path / "reference", progress=False)
-    real_prune = pipeline.prune
+    real_prune = prune_stage.prune
 
     def interrupted_after_first_block(*args, **kwargs):
         def stop(index):
@@ -78,12 +83,12 @@ def test_calibrated_run_resumes_after_interruption_and_cleans_up(text_file, tmp_
 
         return real_prune(*args, after_block=stop, **kwargs)
 
-    monkeypatch.setattr(pipeline, "prune", interrupted_after_first_block)
+    monkeypatch.setattr(prune_stage, "prune", interrupted_after_first_block)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(_calibrated(text_file), tmp_path / "run", progress=False)
     checkpoints = pipeline.checkpoint_root(tmp_path / "run")
     assert (checkpoints / "stage_0" / "state.json").is_file() and not (tmp_path / "run").exists()
-    monkeypatch.setattr(pipeline, "prune", real_prune)
+    monkeypatch.setattr(prune_stage, "prune", real_prune)
     resumed = pipeline.run_recipe(_calibrated(text_file), tmp_path / "run", progress=False)
     assert resumed["stages"][0]["resumed_from_block"] == 1
     assert resumed["sparsity"]["per_layer"] == reference["sparsity"]["per_layer"]

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..stages import stage_specs  # noqa: E402
+
 SPARSITY_PLOT = "sparsity_per_layer.png"
 LOSS_PLOT = "retrain_loss.png"
 STRUCTURE_PLOT = "structure.png"
@@ -255,7 +257,12 @@ def _search_lines(stage: dict) -> list[str]:
 def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
     """What each stage did: method, calibration, per-block sparsities, and anything it had to work around."""
     lines = []
+    specs = stage_specs()
     for index, stage in enumerate(stages):
+        spec = specs.get(stage.get("stage"))
+        if spec is not None and spec.report is not None:  # a stage that renders its own section
+            lines += ["", f"## Stage {index}: {stage['stage']}", ""] + spec.report(stage, after or {})
+            continue
         if stage.get("stage") == "retrain":
             lines += ["", f"## Stage {index}: retrain ({stage['method']})", ""] + _retrain_lines(stage)
             continue
@@ -276,6 +283,11 @@ def _stage_lines(stages: list[dict], after: dict | None = None) -> list[str]:
         if stage.get("stage") == "search":
             lines += ["", f"## Stage {index}: sparsity search ({stage['algorithm']}, "
                           f"{stage['settings']['method']} {stage['settings']['pattern']})", ""] + _search_lines(stage)
+            continue
+        if stage.get("stage") != "prune":  # a registered stage without a section of its own: its record as is
+            lines += ["", f"## Stage {index}: {stage.get('stage')}", ""]
+            lines += [f"- {key}: {value}" for key, value in stage.items() if key != "stage" and
+                      isinstance(value, (str, int, float, bool))]
             continue
         title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
         lines += ["", f"## Stage {index}: {stage.get('stage')} ({title})", ""]

@@ -12,11 +12,7 @@ from .factorize import check_factorize_request, factorize, unfactorize
 from .losses import balance_loss, pa_labels, pa_loss
 from .partition import PARTITIONS, neuron_features, partition_neurons
 from .routing import ExpertRouting, ExpertSettings
-from .storage import restore_experts
 from .train import train_experts, train_factorized, train_routers
-from ..models.attachments import register_restorer
-
-register_restorer(ExpertRouting.kind, restore_experts)
 
 __all__ = ["PARTITIONS", "ExpertDispatch", "ExpertLayout", "ExpertRouting", "ExpertSettings", "balance_loss",
            "check_factorize_request", "factorize", "factorize_model", "neuron_features", "pa_labels", "pa_loss",

@@ -1,0 +1,79 @@
+"""The ``prune:`` stage: one-shot pruning through the layer-sequential pipeline, declared for the registry."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..errors import SparseforgeError
+from ..settings import StrictSettings, registered
+from ..sparsity.allocation import ALLOCATIONS
+from ..sparsity.patterns import parse_pattern, resolve_sparsity
+from ..stages import StageContext, StageSpec, register_stage
+from .methods import METHODS
+from .pruner import ORDERS, REFINEMENTS, check_calibration_memory, check_prune_request, method_options, prune
+
+
+class PruneStage(StrictSettings):
+    """One-shot pruning; calibrated methods use the recipe's ``data`` section for their calibration windows."""
+
+    method: str = "magnitude"
+    sparsity: float | None = Field(None, description="required for unstructured; N:M patterns fix it")
+    pattern: str = "unstructured"
+    per_row: bool | None = Field(None, description="compare within output rows; default: the method's choice")
+    allocation: str = "uniform"
+    refine: Literal[REFINEMENTS] | None = None  # type: ignore[valid-type]
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch")
+    order: Literal[ORDERS] = "sublayer"  # type: ignore[valid-type]
+    owl: dict = Field(default_factory=dict, description="OWL options: m, lam")
+    dsnot: dict = Field(default_factory=dict, description="DSnoT options: max_cycles, threshold, sign_check, layers")
+    sparsegpt: dict = Field(default_factory=dict, description="SparseGPT options: block_size, dampening")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return registered(value, METHODS, "method")
+
+    @field_validator("allocation")
+    @classmethod
+    def _known_allocation(cls, value: str) -> str:
+        return registered(value, ALLOCATIONS, "allocation")
+
+    @model_validator(mode="after")
+    def _valid_pattern(self) -> "PruneStage":
+        try:
+            resolve_sparsity(parse_pattern(self.pattern, bool(self.per_row)), self.sparsity)
+            method_options(self.owl, self.dsnot, self.sparsegpt)
+        except SparseforgeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def _fused_reconstruction(context: StageContext) -> dict | None:
+    """A reconstruct stage right after a prune stage runs inside it (the dense block outputs exist only there)."""
+    following = context.next_stage
+    if following is not None and getattr(following, "method", None) == "reconstruct":
+        return following.reconstruct_options() | {"seed": context.recipe.data.seed}
+    return None
+
+
+def run_prune_stage(handle, config: PruneStage, context: StageContext) -> None:
+    data = context.recipe.data
+    prune(handle, method=config.method, sparsity=config.sparsity, pattern=config.pattern, per_row=config.per_row,
+          allocation=config.allocation, refine=config.refine, calibration=data.calibration, nsamples=data.nsamples,
+          seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, order=config.order,
+          checkpoint_dir=context.checkpoint_dir, owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt,
+          reconstruct=_fused_reconstruction(context), progress=context.progress)
+
+
+def preflight_prune_stage(handle, config: PruneStage, recipe) -> None:
+    """The pattern against every layer's width, the options, and the calibration set against free memory."""
+    _, needs_calibration = check_prune_request(
+        handle, config.method, config.sparsity, config.pattern, config.per_row, config.allocation, config.refine,
+        config.owl, config.dsnot, config.sparsegpt, config.batch_size, config.order)
+    if needs_calibration:
+        check_calibration_memory(handle, recipe.data.nsamples, recipe.data.seqlen)
+
+
+register_stage(StageSpec("prune", PruneStage, run_prune_stage, preflight_prune_stage))
