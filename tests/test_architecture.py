@@ -37,8 +37,8 @@ def _runtime_imports(path: Path) -> set[str]:
     return {name for name in found if name.startswith("sparseforge")}
 
 
-@pytest.mark.parametrize("core", ["models", "export", "sparsity", "data", "pipeline.py", "recipe.py", "stages.py",
-                                  "settings.py", "atomic.py", "entry.py", "interrupts.py"])
+@pytest.mark.parametrize("core", ["models", "export", "sparsity", "data", "evaluation", "pipeline.py", "recipe.py",
+                                  "stages.py", "settings.py", "atomic.py", "entry.py", "interrupts.py"])
 def test_central_code_imports_no_method_package(core):
     """Methods plug in through the registry (stages, attachments); the centre never names one."""
     paths = (SOURCE / core).rglob("*.py") if (SOURCE / core).is_dir() else [SOURCE / core]
@@ -119,7 +119,7 @@ def test_a_new_stage_is_one_registration_through_recipe_pipeline_report_save_and
         handle.history.append({"stage": "scale", "factor": config.factor})
 
     def report(record, after):
-        return [f"- logits scaled by {record['factor']}"]
+        return f"scale ({record['factor']:g})", [f"- logits scaled by {record['factor']}"]
 
     monkeypatch.setattr(stages, "_STAGES", dict(stages._STAGES))
     monkeypatch.setattr(attachments, "_RESTORERS", dict(attachments._RESTORERS))
@@ -129,7 +129,8 @@ def test_a_new_stage_is_one_registration_through_recipe_pipeline_report_save_and
                            "data": {"evaluation": str(text_file), "seqlen": 32, "eval_windows": 2}})
     result = run_recipe(recipe, tmp_path / "run", progress=False)
     assert result["stages"][-1] == {"stage": "scale", "factor": 0.25}
-    assert "- logits scaled by 0.25" in (tmp_path / "run" / "report.md").read_text()
+    report_md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Stage 0: scale (0.25)" in report_md and "- logits scaled by 0.25" in report_md
     reloaded = load_model(str(tmp_path / "run"))
     assert reloaded.attachment("toy").value == 25
     with pytest.raises(Exception, match="unknown key 'stages.0.scale.factr'"):

@@ -2,8 +2,10 @@
 
 A :class:`StageSpec` names the recipe key, the one settings model (used by recipes and the Python API alike), the
 function that runs the stage on a loaded model, the checks that can refuse it before any computation (against the
-loaded model: ``preflight``; against its place among the recipe's stages: ``placement``) and, optionally, its
-section of the run report (``report``; a stage's run appends a record with ``"stage": name`` to the history). A method package
+loaded model: ``preflight``; against its place among the recipe's stages: ``placement``) and, optionally, what it
+adds to the run report: its section (``report``), its figures (``figures``) and its training losses
+(``loss_curves``). A stage's run appends a record with ``"stage": name`` to the model's history; those functions
+read it back. A method package
 registers its spec when it is imported; :mod:`sparseforge.registry` lists the packages. The recipe builds its stage
 union from the registry and the pipeline loops over the specs, so neither names a method.
 """
@@ -40,8 +42,12 @@ class StageSpec:
     preflight: Callable[["LoadedModel", Any, Any], None] | None = None
     # where the stage may stand: (its index, the kinds of all stages, its settings) -> a problem, or None
     placement: Callable[[int, list[str], Any], str | None] | None = None
-    # the stage's section of report.md: (its history record, the metrics after all stages) -> markdown lines
-    report: Callable[[dict, dict], list[str]] | None = None
+    # the stage's section of report.md: (its history record, the metrics after all stages) -> (title, markdown lines)
+    report: Callable[[dict, dict], tuple[str, list[str]]] | None = None
+    # figures of this stage kind, drawn into the run directory from the whole report (they may compare stages)
+    figures: Callable[[Path, dict], None] | None = None
+    # training losses for the report's loss plot: (stage index, its record) -> {curve name: losses}
+    loss_curves: Callable[[int, dict], dict[str, list[float]]] | None = None
 
 
 _STAGES: dict[str, StageSpec] = {}

@@ -39,4 +39,17 @@ def preflight_dst_stage(handle, config: DstStage, recipe) -> None:
     check_dense(handle)
 
 
-register_stage(StageSpec("dst", DstStage, run_dst_stage, preflight_dst_stage, must_be_first))
+def _dst_lines(stage: dict) -> list[str]:
+    """Sparse training: where it started, how many topology updates rewired how many weights, the loss."""
+    start = "from scratch (re-initialised)" if stage["from_scratch"] else "from the loaded weights"
+    return [f"- {stage['init']} masks at density {stage['density']:.3f}, {start}",
+            f"- {stage['steps_done']} steps, {stage['updates']} topology updates rewiring {stage['rewired']:,} weights "
+            f"({stage['seconds']:.1f} s)",
+            f"- loss {stage['loss_first']} -> {stage['loss_last']}"]
+
+
+def report_dst_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    return f"dynamic sparse training ({stage['method']})", _dst_lines(stage)
+
+
+register_stage(StageSpec("dst", DstStage, run_dst_stage, preflight_dst_stage, must_be_first, report=report_dst_stage))

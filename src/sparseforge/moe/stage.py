@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -14,8 +15,12 @@ from .api import factorize_model
 from .factorize import check_factorize_request
 from .losses import DIRECTIONS
 from .partition import PARTITIONS
+from .plots import plot_expert_usage
 from .routing import ROUTER_GRADS, ExpertRouting
 from .storage import restore_experts
+
+
+EXPERTS_PLOT = "expert_usage.png"
 
 
 class FactorizeStage(StrictSettings):
@@ -56,6 +61,49 @@ def preflight_factorize_stage(handle, config: FactorizeStage, recipe) -> None:
     check_factorize_request(handle, config.experts, config.topk, config.partition, config.shared_expert)
 
 
+def _experts_lines(stage: dict, after: dict) -> list[str]:
+    """A factorized model: its experts, the training budget and losses, the ideal speed-up, how balanced routing is."""
+    settings, training = stage["settings"], stage["settings"]["training"]
+    cost = stage["cost"]
+    lines = [f"- {settings['experts']} experts ({'1 shared + ' if settings['shared_expert'] else ''}top-"
+             f"{settings['topk']} routed), {settings['partition']} partition ({stage['seconds']:.1f} s)",
+             f"- training: {training['router_steps']} router steps (lr {training['router_lr']:g}) + "
+             f"{training['expert_steps']} expert steps (lr {training['expert_lr']:g}) x {training['batch']} x "
+             f"{training['seqlen']} tokens = {training['train_tokens']:,} tokens"]
+    for part, losses in stage["losses"].items():
+        if losses:
+            lines.append(f"- {part} loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    lines.append(f"- FFN multiply-accumulates per token: {cost['ffn_macs_per_token']['dense'] / 1e6:.1f}M dense -> "
+                 f"{cost['ffn_macs_per_token']['routed'] / 1e6:.1f}M routed; ideal speed-up prefill "
+                 f"{cost['prefill']:.2f}x, decode {cost['decode']:.2f}x (prompt {cost['prompt_tokens']}, "
+                 f"{cost['new_tokens']} new tokens)")
+    usage = after.get("experts")
+    if usage:
+        balance = [b for b in usage["balance"] if b is not None]
+        if balance:
+            lines.append(f"- routing balance over the evaluation (1 = even): mean {sum(balance) / len(balance):.2f}, "
+                         f"worst layer {min(balance):.2f}")
+    return lines
+
+
+def report_factorize_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    return (f"factorized into experts ({stage['method']})",
+            _experts_lines(stage, after) + ["", f"![expert usage per layer]({EXPERTS_PLOT})"])
+
+
+def factorize_losses(index: int, stage: dict) -> dict[str, list[float]]:
+    return {f"stage {index}: {part}": losses for part, losses in stage["losses"].items()}
+
+
+def draw_experts_figures(directory: Path, report: dict) -> None:
+    """How often each expert ran, per layer, over the evaluation."""
+    usage = (report["metrics"].get("after") or {}).get("experts")
+    if usage and usage["tokens"]:
+        plot_expert_usage(usage["per_layer"], directory / EXPERTS_PLOT, f"{report['model']['source']}: "
+                          f"{usage['settings']}")
+
+
 register_stage(StageSpec("factorize", FactorizeStage, run_factorize_stage, preflight_factorize_stage,
-                          must_be_last))
+                         must_be_last, report=report_factorize_stage, figures=draw_experts_figures,
+                         loss_curves=factorize_losses))
 register_restorer(ExpertRouting.kind, restore_experts)

@@ -76,4 +76,27 @@ def preflight_prune_stage(handle, config: PruneStage, recipe) -> None:
         check_calibration_memory(handle, recipe.data.nsamples, recipe.data.seqlen)
 
 
-register_stage(StageSpec("prune", PruneStage, run_prune_stage, preflight_prune_stage))
+def report_prune_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    """Method, pattern and target; calibration; OWL's block sparsities, DSnoT's swaps, reconstruction, events."""
+    title = f"{stage.get('method')} {stage.get('pattern')}, target sparsity {stage.get('target_sparsity'):g}"
+    lines = []
+    calibration = stage.get("calibration")
+    if calibration:
+        lines.append(f"- calibration: {calibration['windows']} windows x {calibration['seqlen']} tokens, "
+                     f"order `{stage.get('order')}`, {stage.get('seconds', 0):.1f} s")
+    if stage.get("allocation") == "owl" and stage.get("block_sparsity"):
+        lines.append("- OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
+    if stage.get("dsnot_swaps") is not None:
+        lines.append(f"- DSnoT swaps: {stage['dsnot_swaps']:,}")
+    if stage.get("resumed_from_block"):
+        lines.append(f"- resumed from block {stage['resumed_from_block']} of an interrupted run")
+    if stage.get("reconstruction"):
+        rec = stage["reconstruction"]
+        lines.append(f"- layer-wise reconstruction ({'+'.join(rec['settings']['params'])}, "
+                     f"{rec['settings']['steps']} steps per block): summed block MSE "
+                     f"{rec['mse_before_sum']:.4g} -> {rec['mse_after_sum']:.4g}")
+    lines += [f"- event: {event}" for event in stage.get("events", [])]
+    return f"prune ({title})", lines
+
+
+register_stage(StageSpec("prune", PruneStage, run_prune_stage, preflight_prune_stage, report=report_prune_stage))

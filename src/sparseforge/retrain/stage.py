@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..errors import SparseforgeError
+from ..evaluation.report import format_value
 from ..settings import StrictSettings
 from ..stages import StageContext, StageSpec, register_stage
 from .lora import LORA_VARIANTS
@@ -76,4 +77,43 @@ def _placement(index: int, kinds: list[str], config: RetrainStage) -> str | None
     return None
 
 
-register_stage(StageSpec("retrain", RetrainStage, run_retrain_stage, placement=_placement))
+def _retrain_lines(stage: dict) -> list[str]:
+    """Recovery training: what was trained, how much of the model that is, the loss, memory, and any early stop."""
+    trainable = stage["trainable"]
+    what = "+".join(stage.get("params") or []) or "all parameters"
+    lora = stage.get("lora")
+    lines = [f"- trained: {what}" + (f" (LoRA {lora['variant']}, rank {lora['rank']}, alpha {lora['alpha']:g})"
+                                     if lora else "") +
+             f": {trainable['trainable']:,} parameters, {trainable['fraction']:.4%} of the model"]
+    train = stage["train"]
+    lines.append(f"- {train['steps']} steps x {train['batch']} windows x {train['seqlen']} tokens, lr {train['lr']:g}, "
+                 f"warm-up {train['warmup']:.0%} then linear decay, {stage['seconds']:.1f} s")
+    for run in stage.get("rounds") or [stage.get("training")]:
+        prefix = f"round {run['round']} (sparsity {run['sparsity']:.3f}): " if "round" in run else ""
+        lines.append(f"- {prefix}loss {format_value(run['loss_first'], 4)} -> {format_value(run['loss_last'], 4)}, "
+                     f"peak memory while training {run['peak_memory_mb']:.0f} MB")
+        if run.get("stopped"):
+            lines.append(f"- **stopped early**: {run['stopped']}")
+    if "merge" in stage:
+        merge = stage["merge"]
+        lines.append(f"- adapters merged into {merge['layers']} linears" +
+                     (", LM head untied from the input embedding" if merge["lm_head_untied"] else "") +
+                     (f"; {merge['densified_layers']} layers became dense (plain LoRA)" if merge["densified_layers"]
+                      else ""))
+    lines.append(f"- sparsity pattern preserved exactly: {'yes' if stage['sparsity_preserved'] else 'no'}")
+    lines += [f"- note: {note}" for note in trainable.get("notes", [])]
+    return lines
+
+
+def report_retrain_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    return f"retrain ({stage['method']})", _retrain_lines(stage)
+
+
+def retrain_losses(index: int, stage: dict) -> dict[str, list[float]]:
+    """The loss per step (IMP rounds joined), so a diverging run is seen at a glance."""
+    runs = stage.get("rounds") or [stage["training"]]
+    return {f"stage {index}: {stage['method']}": [loss for run in runs for loss in run["losses"]]}
+
+
+register_stage(StageSpec("retrain", RetrainStage, run_retrain_stage, placement=_placement,
+                         report=report_retrain_stage, loss_curves=retrain_losses))

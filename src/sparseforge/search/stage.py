@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -11,7 +12,11 @@ from ..errors import SparseforgeError
 from ..settings import StrictSettings
 from ..stages import StageContext, StageSpec, register_stage
 from .api import ALGORITHMS, SearchConfig, check_unpruned, search
+from .plots import plot_fronts
 from .runner import probe_ray
+
+
+SEARCH_PLOT = "search_front.png"
 
 
 class SearchStage(StrictSettings):
@@ -75,4 +80,51 @@ def preflight_search_stage(handle, config: SearchStage, recipe) -> None:
         probe_ray(search_config.ray_address, search_config.ray_timeout)
 
 
-register_stage(StageSpec("search", SearchStage, run_search_stage, preflight_search_stage))
+def _search_lines(stage: dict) -> list[str]:
+    """The search: its cost, its front next to the uniform allocations, OWL, and the point kept."""
+    counts = stage["evaluations"]
+    objective = stage["objective"]
+    cache = stage["cache"]
+    lines = [f"- objective: {objective['quality']} on {objective['windows']} windows x {objective['seqlen']} tokens; "
+             f"size: {objective['size']}",
+             f"- {counts['full_model_evaluations']} full-model evaluations ({counts['full_model_tokens']:,} tokens), "
+             f"by kind {counts['by_kind']}; {stage['seconds']:.0f} s in all"
+             + (f", {stage['workers']} Ray workers" if stage.get("workers") else ", serial"),
+             f"- variant cache {cache['directory']}: {cache['used_bytes'] / 2**20:.1f} MB of "
+             f"{cache['budget_bytes'] / 2**20:.0f} MB, {cache['evicted']} evicted", ""]
+    uniform = {round(p["average_sparsity"], 6): p["kl"] for p in stage["uniform"]}
+    lines += ["| average sparsity | KL to dense | uniform at the same sparsity | per-block sparsities |",
+              "|---|---|---|---|"]
+    for point in stage["front"]:
+        same = uniform.get(round(point["average_sparsity"], 6))
+        lines.append(f"| {point['average_sparsity']:.4f} | {point['kl']:.4f} | {'-' if same is None else f'{same:.4f}'}"
+                     f" | {' '.join(f'{s:.2f}' for s in point['sparsities'])} |")
+    if stage.get("owl"):
+        owl = stage["owl"]
+        lines += ["", f"- OWL at {owl['average_sparsity']:.4f} (M={owl['m']:g}, lambda={owl['lam']:g}): KL {owl['kl']:.4f}"]
+    picked = stage.get("picked")
+    if picked:
+        lines.append(f"- kept: the point at average sparsity {picked['average_sparsity']:.4f} (asked for "
+                     f"{picked['target']:g}), KL {picked['kl']:.4f}")
+    return lines + ["", f"![Pareto front]({SEARCH_PLOT})"]
+
+
+def report_search_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    return (f"sparsity search ({stage['algorithm']}, {stage['settings']['method']} {stage['settings']['pattern']})",
+            _search_lines(stage))
+
+
+def draw_search_figures(directory: Path, report: dict) -> None:
+    """The front next to the uniform allocations and OWL."""
+    searches = [s for s in report.get("stages") or [] if s.get("stage") == "search"]
+    if searches:
+        last = searches[-1]
+        evopress = last["algorithm"] == "evopress"
+        plot_fronts({} if evopress else {last["algorithm"]: last["front"]}, last["uniform"],
+                    [last["owl"]] if last.get("owl") else [], last["front"] if evopress else [],
+                    directory / SEARCH_PLOT, f"{report['model']['source']}: {last['algorithm']} "
+                                             f"({last['settings']['method']})")
+
+
+register_stage(StageSpec("search", SearchStage, run_search_stage, preflight_search_stage,
+                         report=report_search_stage, figures=draw_search_figures))

@@ -3,6 +3,7 @@ attachment, for the registry."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -11,8 +12,12 @@ from ..models.attachments import register_restorer
 from ..settings import StrictSettings
 from ..stages import StageContext, StageSpec, must_be_last, register_stage
 from .calibrate import calibrate_skip, check_skip_request
+from .plots import plot_skip_profile
 from .policy import SIMILARITIES
 from .runtime import SkipController, restore_policy
+
+
+SKIP_PLOT = "skip_profile.png"
 
 
 class SkipStage(StrictSettings):
@@ -50,5 +55,41 @@ def preflight_skip_stage(handle, config: SkipStage, recipe) -> None:
     check_skip_request(handle.adapter.num_blocks, config.target, config.cold_start, config.cold_end)
 
 
-register_stage(StageSpec("skip", SkipStage, run_skip_stage, preflight_skip_stage, must_be_last))
+def _skip_lines(stage: dict, after: dict) -> list[str]:
+    """A calibrated FFN-skip policy: its settings, how well calibration hit the target, what it skipped here."""
+    policy = stage["policy"]
+    calibration = policy["calibration"]
+    lines = [f"- policy: {policy['mode']}, threshold {policy['threshold']:.4f}, k {policy['k']}, "
+             f"{policy['similarity']} similarity, cold layers {policy['cold_start']} + {policy['cold_end']}, "
+             f"warm-up {policy['warmup']} tokens ({stage['seconds']:.1f} s)",
+             f"- target ratio {calibration['target']:g}: {calibration['ratio_teacher_forced']:.3f} on the "
+             f"calibration text, {calibration['ratio_in_generation']:.3f} when generating from its prompts; "
+             f"top-1 agreement with the dense model there {calibration['agreement']:.3f}",
+             "- candidates: " + "; ".join(f"k {c['k']} cold {c['cold_start']}+{c['cold_end']}: threshold "
+                                          f"{c['threshold']:.4f}, ratio {c['ratio']:.3f}, KL {c['kl']:.3f}, "
+                                          f"agreement {c['agreement']:.3f}" for c in calibration["candidates"])]
+    for part, summary in (after.get("skip") or {}).items():
+        if isinstance(summary, dict):
+            lines.append(f"- realised in {part}: {summary['ratio']:.3f} of all FFN blocks over "
+                         f"{summary['governed_tokens']:,} governed tokens ({summary['warmup_tokens']:,} warm-up "
+                         f"tokens dense)")
+    return lines
+
+
+def report_skip_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    lines = _skip_lines(stage, after) + ["", f"![where FFNs are skipped]({SKIP_PLOT})"]
+    return f"FFN skipping ({stage['method']})", lines
+
+
+def draw_skip_figures(directory: Path, report: dict) -> None:
+    """Where the policy skips: its cold layers and, per layer, the skip rate realised in each measurement."""
+    skips = [s for s in report.get("stages") or [] if s.get("stage") == "skip"]
+    if skips:
+        measured = (report["metrics"].get("after") or {}).get("skip") or {}
+        rates = {f"in {part}": s["per_layer"] for part, s in measured.items() if isinstance(s, dict)}
+        plot_skip_profile(skips[-1]["policy"], rates, directory / SKIP_PLOT, report["model"]["source"])
+
+
+register_stage(StageSpec("skip", SkipStage, run_skip_stage, preflight_skip_stage, must_be_last,
+                         report=report_skip_stage, figures=draw_skip_figures))
 register_restorer(SkipController.kind, restore_policy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -12,7 +13,12 @@ from .blocks import check_block_request, remove_blocks
 from .divergence import DISTANCES
 from .finercut import check_finercut_request, finercut
 from .importance import SCORES
+from .plots import plot_divergence, plot_structure
 from .width import HEAD_UNITS, ShrinkConfig, check_shrink_request, shrink
+
+
+STRUCTURE_PLOT = "structure.png"
+DIVERGENCE_PLOT = "finercut_divergence.png"
 
 
 def _check_ratios(value: float | list[float]) -> float | list[float]:
@@ -81,6 +87,44 @@ def preflight_finercut_stage(handle, config: FinerCutStage, recipe) -> None:
         check_finercut_request(handle, config.remove, config.distance, config.exclude)
 
 
-register_stage(StageSpec("shrink", ShrinkStage, run_shrink_stage, preflight_shrink_stage, before_pruning))
+def _structure_lines(stage: dict) -> list[str]:
+    """A structural change: parameters before and after, what was removed, and how the export loads."""
+    params = stage["parameters"]
+    lines = [f"- parameters {params['before']:,} -> {params['after']:,} ({params['removed_fraction']:.1%} removed), "
+             f"{stage['seconds']:.1f} s"]
+    if stage["method"] == "width":
+        settings = stage["settings"]
+        lines.append(f"- removed FFN {settings['ffn']} and heads {settings['heads']} (score {settings['score']}, "
+                     f"widths rounded to {settings['round_to']}, head unit {settings['head_unit']}"
+                     f"{', mean contribution compensated' if settings['compensate'] else ''})")
+    else:
+        order = ", ".join(f"{r['kind']}@{r['block']}" for r in stage["removed"])
+        lines.append(f"- removed in this order: {order or 'nothing'}")
+    lines.append("- export loads with plain transformers `from_pretrained`" if stage["transformers_loadable"] else
+                 "- per-block shapes differ from the standard config: the export records them in `config.json` "
+                 "(`sparseforge_structure`) and `sparseforge.load_model` rebuilds them")
+    return lines
+
+
+def report_structural_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
+    lines = _structure_lines(stage) + ["", f"![structure per block]({STRUCTURE_PLOT})"]
+    if stage["method"] == "finercut":
+        lines += ["", f"![FinerCut divergence]({DIVERGENCE_PLOT})"]
+    return f"{stage['stage']} ({stage['method']})", lines
+
+
+def draw_structure_figures(directory: Path, report: dict) -> None:
+    """The widths per block after the last structural stage, and FinerCut's divergence per removal."""
+    structural = [s for s in report.get("stages") or [] if s.get("stage") in ("shrink", "finercut")]
+    if structural:
+        last = structural[-1]
+        plot_structure(last["blocks"], last["original"], directory / STRUCTURE_PLOT, report["model"]["source"])
+    searched = [s for s in structural if s["method"] == "finercut"]
+    if searched:
+        plot_divergence(searched[-1]["removed"], directory / DIVERGENCE_PLOT, searched[-1]["settings"]["distance"])
+
+
+register_stage(StageSpec("shrink", ShrinkStage, run_shrink_stage, preflight_shrink_stage, before_pruning,
+                         report=report_structural_stage, figures=draw_structure_figures))
 register_stage(StageSpec("finercut", FinerCutStage, run_finercut_stage, preflight_finercut_stage,
-                          before_pruning))
+                         before_pruning, report=report_structural_stage, figures=draw_structure_figures))
