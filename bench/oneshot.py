@@ -244,7 +244,7 @@ def main() -> None:
 
     import sparseforge as sf
     from sparseforge.evaluation.suite import prepare_evaluation
-    from sparseforge.prune.pruner import calibration_data
+    from sparseforge.calibration.data import calibration_data
 
     print_setup(bench="oneshot", part=args.part, model=args.model, calibration="default (calibration split)",
                 nsamples=args.nsamples, seqlen=args.seqlen, evaluation="default (evaluation split)",

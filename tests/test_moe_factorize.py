@@ -10,7 +10,7 @@ import torch
 
 import sparseforge as sf
 from sparseforge.evaluation.macs import macs_per_token
-from sparseforge.errors import CorruptCheckpointError, FactorizeError, SkipError, StructureError
+from sparseforge.errors import CorruptCheckpointError, FactorizeError, StructureError
 from sparseforge.export.saving import save_model
 from sparseforge.models.loading import load_model
 from sparseforge.models.surgery import keep_ffn_neurons, remove_sublayer

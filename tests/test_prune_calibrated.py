@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparseforge.errors import CorruptCheckpointError, DataError, PatternError
+from sparseforge.errors import DataError, PatternError
 from sparseforge.models.loading import load_model
-from sparseforge.prune.checkpoint import CheckpointMismatchError
+from sparseforge.calibration.checkpoint import CheckpointMismatchError
 from sparseforge.prune.pruner import prune
 from sparseforge.sparsity.masks import is_valid_nm
 
@@ -114,7 +114,7 @@ def test_rank_deficient_calibration_still_prunes(tiny_llama):
 
 
 def test_shared_inputs_share_one_statistic(tiny):
-    from sparseforge.prune.sequential import BlockInputs
+    from sparseforge.calibration.block_inputs import BlockInputs
 
     blocks = BlockInputs(tiny, windows(4), 2, torch.device("cpu"))
     collector = blocks.calibrate(0, blocks.hidden, frozenset({"hessian"}))
@@ -128,7 +128,7 @@ def test_shared_inputs_share_one_statistic(tiny):
 
 
 def test_statistics_match_direct_computation(tiny_llama):
-    from sparseforge.prune.statistics import InputStatistics
+    from sparseforge.calibration.statistics import InputStatistics
 
     x = torch.randn(3, 5, 8)
     stats = InputStatistics(8, frozenset({"hessian", "moments"}), torch.device("cpu"))
@@ -165,7 +165,7 @@ def test_owl_reaches_the_target_overall(tiny_llama):
 
 
 def test_dsnot_reduces_expected_error_and_keeps_row_counts():
-    from sparseforge.prune.statistics import InputStatistics
+    from sparseforge.calibration.statistics import InputStatistics
     from sparseforge.refine.dsnot import DSnoTConfig, refine
     from sparseforge.sparsity.patterns import Unstructured
 
@@ -322,7 +322,7 @@ def test_sublayer_order_calibrates_on_pruned_upstream_outputs():
 
 
 def test_hessian_from_upper_strips_is_the_full_gram_matrix():
-    from sparseforge.prune.statistics import InputStatistics
+    from sparseforge.calibration.statistics import InputStatistics
 
     x = torch.randn(2, 50, 600, dtype=torch.float64).float()
     stats = InputStatistics(600, frozenset({"hessian"}), torch.device("cpu"))

@@ -22,11 +22,16 @@ The Python API mirrors the command line::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .models.handle import LoadedModel
+    from .recipe import Recipe
 
 # name -> (module, attribute). Resolved on first use (PEP 562), so ``import sparseforge`` and the command line start
 # without importing torch, transformers and every method package up front.

@@ -32,7 +32,7 @@ def versions() -> dict:
     import safetensors
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"sparseforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": sys.version.split()[0], "platform": platform.platform()}

@@ -18,7 +18,7 @@ from ..atomic import atomic_write_text
 from ..errors import CorruptCheckpointError, FactorizeError
 from ..models.fingerprint import fingerprint_differences, model_fingerprint
 from ..models.handle import LoadedModel
-from ..prune.checkpoint import load_tensors, save_tensors
+from ..calibration.checkpoint import load_tensors, save_tensors
 from .factorize import install_experts, make_routers
 from .routing import EXPERTS_KEY, ExpertRouting, ExpertSettings
 

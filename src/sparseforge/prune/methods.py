@@ -19,7 +19,7 @@ from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import Pattern
 from . import sparsegpt
 from .scorers import SCORERS
-from .statistics import InputStatistics
+from ..calibration.statistics import InputStatistics
 
 
 @dataclass

@@ -13,19 +13,18 @@ from dataclasses import fields
 
 import torch
 
-from ..data.sources import load_corpus
-from ..data.windows import calibration_windows, tokenize_corpus
+from ..calibration.checkpoint import Checkpoint
+from ..calibration.data import calibration_data
+from ..errors import PatternError
+from ..export.integrity import digest
 from ..memory import check_fits
-from ..errors import DataError, PatternError
 from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
 from ..refine.dsnot import DSnoTConfig
 from ..retrain.reconstruct import ReconstructConfig
 from ..sparsity.allocation import get_allocation
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
-from .checkpoint import Checkpoint
 from .methods import Method, get_method
-from ..export.integrity import digest
 from .sequential import OWLConfig, SequentialPlan, prune_data_free, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
@@ -64,18 +63,6 @@ def method_options(owl, dsnot, sparsegpt) -> tuple[OWLConfig, DSnoTConfig, Spars
     if dsnot.layers not in ("all", "attention"):
         raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{dsnot.layers}'")
     return _config(OWLConfig, owl, "owl"), dsnot, _config(SparseGPTConfig, sparsegpt, "sparsegpt")
-
-
-def calibration_data(handle: LoadedModel, calibration: str | torch.Tensor, nsamples: int, seqlen: int,
-                     seed: int) -> torch.Tensor:
-    """Calibration windows [nsamples, seqlen] from a corpus spec (or validated, if given as token ids)."""
-    if torch.is_tensor(calibration):
-        if calibration.dim() != 2 or calibration.shape[0] < 1 or calibration.shape[1] < 2:
-            raise DataError(f"calibration windows must be a [nsamples, seqlen] tensor, got {tuple(calibration.shape)}")
-        return calibration.long()
-    corpus = load_corpus(calibration, "calibration")
-    return calibration_windows(tokenize_corpus(handle.require_tokenizer("calibration"), corpus), seqlen, nsamples, seed,
-                               handle.window_bos("calibration"))
 
 
 def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,

@@ -12,9 +12,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import PatternError
 from ..models.adapters import LinearView
-from .statistics import InputStatistics
+from ..calibration.statistics import InputStatistics
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 from greenlet import greenlet
 
 from ..models.adapters import ModelAdapter
-from .statistics import InputStatistics
+from ..calibration.statistics import InputStatistics
 
 
 def run_block_pruning_sublayers(adapter: ModelAdapter, index: int, hidden: torch.Tensor,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prune.statistics import InputStatistics
+from ..calibration.statistics import InputStatistics
 from ..sparsity.patterns import NM, Pattern
 
 INF = float("inf")

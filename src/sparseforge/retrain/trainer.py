@@ -30,7 +30,7 @@ from ..errors import RetrainError
 from ..memory import PeakMemory
 from ..errors import CorruptCheckpointError
 from ..export.integrity import sha256_of
-from ..prune.checkpoint import Checkpoint, load_tensors, save_tensors, verify_tensors
+from ..calibration.checkpoint import Checkpoint, load_tensors, save_tensors, verify_tensors
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..data.windows import calibration_windows, tokenize_corpus
 from ..errors import SearchError
 from ..models.handle import LoadedModel
 from ..prune.methods import get_method
-from ..prune.pruner import calibration_data
+from ..calibration.data import calibration_data
 from .bank import level_pattern, unit_sizes
 from .decompose import decompose
 from .evopress import evopress

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from ..errors import SearchError
 from ..models.handle import LoadedModel
-from ..prune.checkpoint import save_tensors
+from ..calibration.checkpoint import save_tensors
 from ..prune.methods import Method
 from ..prune.scorers import wanda_scores
 from ..export.integrity import digest
-from ..prune.sequential import BlockInputs
-from ..prune.statistics import InputStatistics
+from ..calibration.block_inputs import BlockInputs
+from ..calibration.statistics import InputStatistics
 from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import NM, Pattern, parse_pattern

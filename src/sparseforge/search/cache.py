@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..prune.checkpoint import save_tensors
+from ..calibration.checkpoint import save_tensors
 
 SUFFIX = ".safetensors"
 

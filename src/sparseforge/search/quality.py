@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..evaluation.perplexity import perplexity
-from ..prune.sequential import BlockInputs
+from ..calibration.block_inputs import BlockInputs
 from ..structured.divergence import Reference
 from .bank import VariantBank
 

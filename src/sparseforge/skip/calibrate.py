@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..errors import SkipError
 from ..models.fingerprint import model_fingerprint
 from ..models.handle import LoadedModel
-from ..prune.pruner import calibration_data
+from ..calibration.data import calibration_data
 from .policy import SkipPolicy, max_adaptive_ratio
 from .runtime import SkipController, install_policy, uninstall_policy
 

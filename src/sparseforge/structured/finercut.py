@@ -31,7 +31,7 @@ from ..models.adapters import ModelAdapter
 from ..models.handle import LoadedModel
 from ..models.structure import describe_blocks, record_structure
 from ..models.surgery import remove_sublayer
-from ..prune.pruner import calibration_data
+from ..calibration.data import calibration_data
 from ..export.integrity import digest
 from .divergence import DISTANCES, Reference
 from .preconditions import check_shrinkable, original_shape

@@ -26,7 +26,7 @@ from ..evaluation.stats import parameter_counts
 from ..models.handle import LoadedModel
 from ..models.structure import describe_blocks, record_structure
 from ..models.surgery import add_to_bias, attention_heads, ffn_width, keep_ffn_neurons, keep_heads
-from ..prune.pruner import calibration_data
+from ..calibration.data import calibration_data
 from .importance import SCORES, channel_scores, collect_statistics
 from .preconditions import check_shrinkable, original_shape
 

@@ -8,7 +8,7 @@ an :class:`ArchSpec` (attribute paths), so adding one is a small file plus a tes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
