@@ -17,7 +17,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,8 +29,18 @@ from ..sparsity.masks import release_masks
 from .formats import ENCODINGS
 from .integrity import check_safetensors_file, sha256_of
 
-if TYPE_CHECKING:
-    from ..models.handle import LoadedModel
+
+class Exportable(Protocol):
+    """What the saver reads from a loaded model (:class:`sparseforge.models.handle.LoadedModel` has it): the
+    export depends on this shape, not on the models package, which itself reads exports back."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    adapter: Any
+    masks: dict[str, torch.Tensor]
+    attachments: dict[str, Any]
+    dtype: torch.dtype
+
 
 FORMAT_FILE = "sparseforge_format.json"
 FORMAT_VERSION = 1
@@ -52,7 +62,7 @@ def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, aliases
 
 
-def _layer_masks(handle: LoadedModel) -> dict[str, tuple[torch.Tensor, bool]]:
+def _layer_masks(handle: Exportable) -> dict[str, tuple[torch.Tensor, bool]]:
     """state-dict key -> (mask in [out, in], stored transposed?) for every linear with a recorded mask.
 
     Only masks that a stage recorded (or that an export's manifest restored) count: an unpruned model's exact zeros
@@ -90,7 +100,7 @@ def plan_encodings(layer_masks: dict[str, tuple[torch.Tensor, bool]], fmt: str,
     return chosen, plans[chosen][1]
 
 
-def save_model(handle: LoadedModel, out_dir: str | Path, format: str = "auto", dtype: str | None = None,
+def save_model(handle: Exportable, out_dir: str | Path, format: str = "auto", dtype: str | None = None,
                overwrite: bool = False) -> dict:
     """Export ``handle`` to ``out_dir``; returns the format description that was written.
 

@@ -10,12 +10,33 @@ parameter's own gradient no longer carries.
 
 from __future__ import annotations
 
+from typing import Iterable, Protocol
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models.adapters import LinearView, ModelAdapter
 from .patterns import nm_group_counts
+
+
+class LinearView(Protocol):
+    """A prunable linear as masks see it (the adapters' ``LinearView`` is one): its name, its module, its weight in
+    [out, in] orientation, and how a mask in that orientation maps onto the stored weight. The mask core knows
+    tensors and modules, not architectures."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    def to_storage(self, tensor_out_in: torch.Tensor) -> torch.Tensor: ...
+
+
+class ModelAdapter(Protocol):
+    """Anything that lists a model's prunable linears (the adapters do)."""
+
+    def linears(self) -> Iterable[LinearView]: ...
 
 
 def apply_mask(view: LinearView, mask: torch.Tensor) -> None:
