@@ -14,7 +14,7 @@ from sparseforge.models.loading import load_model
 from sparseforge.registry import METHOD_PACKAGES
 
 SOURCE = Path(sparseforge.__file__).parent
-METHODS = {"skip", "moe", "prune", "retrain", "structured", "search", "dst", "refine"}
+METHODS = {"skip", "moe", "prune", "retrain", "structured", "search", "dst"}
 assert set(METHOD_PACKAGES) <= METHODS
 
 
@@ -45,6 +45,64 @@ def test_central_code_imports_no_method_package(core):
     offending = {f"{path.relative_to(SOURCE)} -> {name}" for path in paths
                  for name in _runtime_imports(path) if name.split(".")[1:2] and name.split(".")[1] in METHODS}
     assert not offending, sorted(offending)
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Package-level import arrows inside sparseforge (a top-level module counts as its own package)."""
+    def package(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else "<root>"
+
+    graph: dict[str, set[str]] = {}
+    for path in SOURCE.rglob("*.py"):
+        source = package(".".join(path.relative_to(SOURCE.parent).with_suffix("").parts))
+        for target in _runtime_imports(path):
+            if package(target) != source:
+                graph.setdefault(source, set()).add(package(target))
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on.add(node)
+        for other in graph.get(node, ()):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+                on.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in list(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_package_import_cycle():
+    """Every package can be understood (and tested) after the ones it imports: the graph has no cycle."""
+    assert _cycles(_package_graph()) == []
+
+
+def test_the_pruning_pipeline_names_none_of_its_hooks():
+    """OWL, DSnoT and reconstruction plug into the layer-sequential pipeline through :mod:`sparseforge.prune.hooks`."""
+    text = (SOURCE / "prune" / "sequential.py").read_text().split('"""', 2)[2]  # code, after the module docstring
+    assert not {"owl", "dsnot", "reconstruct"} & set(text.lower().replace("_", " ").replace(".", " ").split())
 
 
 class Toy:

@@ -170,7 +170,7 @@ CASES = {
     "unknown allocation": (["prune", "tiny-llama", "--allocation", "erk"], "unknown allocation 'erk'"),
     "unknown refinement": (["prune", "tiny-llama", "--method", "wanda", "--refine", "dsnt"], "refine"),
     "OWL with N:M": (["prune", "tiny-llama", "--method", "wanda", "--allocation", "owl", "--pattern", "2:4",
-                      "--no-ppl"], "OWL"),
+                      "--no-ppl"], "owl allocation varies"),
     "zero calibration windows": (["prune", "tiny-llama", "--method", "wanda", "--nsamples", "0"], "nsamples"),
     "calibration text too short": (["prune", "tiny-llama", "--method", "wanda", "--calibration", "@tiny.txt",
                                     "--seqlen", "64", "--no-ppl"], "too few"),

@@ -166,7 +166,7 @@ def test_owl_reaches_the_target_overall(tiny_llama):
 
 def test_dsnot_reduces_expected_error_and_keeps_row_counts():
     from sparseforge.calibration.statistics import InputStatistics
-    from sparseforge.refine.dsnot import DSnoTConfig, refine
+    from sparseforge.prune.dsnot import DSnoTConfig, refine
     from sparseforge.sparsity.patterns import Unstructured
 
     torch.manual_seed(0)
@@ -275,7 +275,7 @@ def test_damaged_checkpoint_is_recomputed_not_used(tmp_path, capfd, damaged, dam
     (dict(nsamples=0), DataError, "nsamples"),
     (dict(seqlen=100000), DataError, "too few"),
     (dict(pattern="3:7"), PatternError, "does not divide"),
-    (dict(allocation="owl", pattern="2:4"), PatternError, "OWL"),
+    (dict(allocation="owl", pattern="2:4"), PatternError, "owl allocation varies sparsity per block"),
     (dict(refine="nope"), PatternError, "refinement"),
     (dict(method="obc"), PatternError, "unknown pruning method"),
     (dict(dsnot={"cycles": 3}, refine="dsnot"), PatternError, "unknown dsnot option"),

@@ -9,7 +9,6 @@ request leaves the model untouched.
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 
 import torch
 
@@ -20,67 +19,43 @@ from ..export.integrity import digest
 from ..memory import check_fits
 from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
-from ..refine.dsnot import DSnoTConfig
-from ..retrain.reconstruct import ReconstructConfig
 from ..sparsity.allocation import get_allocation
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
+from . import hooks
 from .methods import Method, get_method
-from .sequential import OWLConfig, SequentialPlan, prune_data_free, prune_sequential
+from .sequential import SequentialPlan, prune_data_free, prune_sequential
 from .sparsegpt import SparseGPTConfig
 
-REFINEMENTS = ("dsnot",)
 ORDERS = ("sublayer", "block")
 DEFAULT_SPARSITY = 0.5  # for unstructured patterns when none is given; N:M patterns fix their own
-
-
-def _config(cls, value, what: str):
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    known = {f.name: f.default for f in fields(cls)}
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise PatternError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {}
-    for key, given in value.items():
-        default = known[key]
-        if isinstance(default, float) and isinstance(given, int) and not isinstance(given, bool):
-            given = float(given)
-        if default is None:
-            ok = given is None or isinstance(given, bool)
-        else:
-            ok = isinstance(given, type(default)) and (isinstance(given, bool) == isinstance(default, bool))
-        if not ok:
-            raise PatternError(f"{what} option {key} must be like {default!r}, got {given!r}")
-        values[key] = given
-    return cls(**values)
-
-
-def method_options(owl, dsnot, sparsegpt) -> tuple[OWLConfig, DSnoTConfig, SparseGPTConfig]:
-    """Validated option objects from dicts (recipes) or option objects (Python API)."""
-    dsnot = _config(DSnoTConfig, dsnot, "dsnot")
-    if dsnot.layers not in ("all", "attention"):
-        raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{dsnot.layers}'")
-    return _config(OWLConfig, owl, "owl"), dsnot, _config(SparseGPTConfig, sparsegpt, "sparsegpt")
+REPAIR = "reconstruction"  # the repair hook behind ``reconstruct=`` (registered by the retrain package)
 
 
 def _plan(method: Method, pattern: Pattern, target: float, allocation: str, refine: str | None,
           owl, dsnot, sparsegpt, batch_size: int, order: str, reconstruct) -> SequentialPlan:
-    if allocation == "owl" and isinstance(pattern, NM):
-        raise PatternError(f"OWL allocation varies sparsity per block; pattern {pattern.name} fixes it")
-    if refine is not None and refine not in REFINEMENTS:
-        raise PatternError(f"unknown refinement '{refine}'; available: {', '.join(REFINEMENTS)}")
+    """Resolve the hooks by name and validate every option set, including those of hooks not asked for (a
+    typo in ``dsnot`` options is an error even without ``refine='dsnot'``)."""
+    get_allocation(allocation)
+    allocator = hooks.allocator(allocation)
+    if allocator is not None and isinstance(pattern, NM):
+        raise PatternError(f"{allocation} allocation varies sparsity per block; pattern {pattern.name} fixes it")
     if order not in ORDERS:
         raise PatternError(f"unknown calibration order '{order}'; available: {', '.join(ORDERS)}")
     if batch_size < 1:
         raise PatternError(f"batch_size must be at least 1, got {batch_size}")
     owl, dsnot, sparsegpt = method_options(owl, dsnot, sparsegpt)
-    options = vars(sparsegpt) if method.name == "sparsegpt" else {}
-    if reconstruct is not None and not isinstance(reconstruct, ReconstructConfig):
-        reconstruct = ReconstructConfig.from_dict(reconstruct)
-    return SequentialPlan(method, pattern, target, allocation, owl, refine, dsnot, options, batch_size, order,
-                          reconstruct)
+    refinement = hooks.refinement(refine) if refine is not None else None
+    repair = hooks.repair(REPAIR) if reconstruct is not None else None
+    return SequentialPlan(method, pattern, target, allocation, allocator, owl if allocator else None,
+                          refinement, dsnot if refinement else None,
+                          vars(sparsegpt) if method.name == "sparsegpt" else {}, batch_size, order,
+                          repair, repair.options(reconstruct) if repair else None)
+
+
+def method_options(owl, dsnot, sparsegpt) -> tuple:
+    """Validated option objects from dicts (recipes) or option objects (Python API)."""
+    return (hooks.allocator("owl").options(owl), hooks.refinement("dsnot").options(dsnot),
+            hooks.dataclass_options(SparseGPTConfig, sparsegpt, "sparsegpt"))
 
 
 def check_prune_request(handle: LoadedModel, method: str = "magnitude", sparsity: float | None = None,
@@ -129,10 +104,10 @@ def prune(
     order: str = "sublayer",
     device: str | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    owl: dict | OWLConfig | None = None,
-    dsnot: dict | DSnoTConfig | None = None,
+    owl=None,
+    dsnot=None,
     sparsegpt: dict | SparseGPTConfig | None = None,
-    reconstruct: dict | ReconstructConfig | None = None,
+    reconstruct=None,
     progress: bool = True,
     after_block=None,
 ) -> LoadedModel:
@@ -140,7 +115,8 @@ def prune(
 
     ``method``: magnitude, wanda or sparsegpt. ``sparsity``: default 0.5 for unstructured. ``pattern``: 'unstructured' or N:M (N kept of M). ``per_row``:
     compare weights within each output row (default: the method's own choice, per row for Wanda).
-    ``allocation``: uniform or owl. ``refine``: None or 'dsnot'. Calibration: ``nsamples`` random windows of
+    ``allocation``: uniform or owl (options ``owl``: a dict or :class:`~sparseforge.prune.owl.OWLConfig`).
+    ``refine``: None or 'dsnot' (options ``dsnot``: a dict or :class:`~sparseforge.prune.dsnot.DSnoTConfig`). Calibration: ``nsamples`` random windows of
     ``seqlen`` tokens of ``calibration`` (a corpus spec or a [n, seqlen] token tensor), drawn with ``seed``.
     ``order``: 'sublayer' (one forward per block; each linear is calibrated on the outputs of the already pruned
     linears before it) or 'block' (the reference codes' two forwards per block, all linears calibrated on the

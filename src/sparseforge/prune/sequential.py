@@ -1,12 +1,13 @@
 """The layer-sequential calibration pipeline: prune a model one decoder block at a time.
 
 1. Capture the inputs of block 0 for the calibration windows (embeddings only; the forward stops at block 0).
-   With OWL, one dense pass over all blocks first measures each block's outlier ratio.
+   An allocator hook (OWL) may first run one dense pass over all blocks to set per-block sparsities.
 2. For each block, in ``block`` order (the reference codes'): run it densely on its inputs with hooks that gather
    the statistics the method needs; prune its linears, one shared-input group at a time, optionally refining the
-   masks (DSnoT); run the pruned block to get the inputs of the next block. In ``sublayer`` order
+   masks with a refinement hook (DSnoT); run the pruned block to get the inputs of the next block. In ``sublayer`` order
    (:mod:`.sublayer`) one pass does both: each linear is pruned when every batch has reached it. Either way each
    block is calibrated on what the pruned model upstream really produces.
+   A repair hook (layer-wise reconstruction) may then train the block towards the dense block's outputs.
 3. Checkpoint the block's weights and masks and the next block's inputs.
 
 Only one block's inputs, outputs and statistics are resident, and only the current block moves to the working
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,64 +28,57 @@ from tqdm.auto import tqdm
 from ..calibration.block_inputs import BlockInputs
 from ..calibration.checkpoint import Checkpoint
 from ..models.handle import LoadedModel
-from ..refine.dsnot import DSnoTConfig, refine
-from ..retrain.reconstruct import ReconstructConfig, block_mse, reconstruct_block
-from ..sparsity.allocation import outlier_ratio, owl_sparsities
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import Pattern
+from .hooks import Allocator, Refinement, Repair
 from .methods import Method
-from .scorers import wanda_scores
 from .sublayer import run_block_pruning_sublayers
 
 
-@dataclass
-class OWLConfig:
-    m: float = 5.0  # outlier threshold, in multiples of the block's mean Wanda score
-    lam: float = 0.08  # block sparsities lie in [target - lam, target + lam]
+def _plain(options) -> Any:
+    return asdict(options) if is_dataclass(options) else options
 
 
 @dataclass
 class SequentialPlan:
+    """A pruning request, checked: the method and pattern, and the hooks (:mod:`.hooks`) with their options."""
+
     method: Method
     pattern: Pattern
     sparsity: float
     allocation: str = "uniform"
-    owl: OWLConfig = field(default_factory=OWLConfig)
-    refine: str | None = None
-    dsnot: DSnoTConfig = field(default_factory=DSnoTConfig)
+    allocator: Allocator | None = None  # None: every block gets ``sparsity``
+    allocation_options: Any = None
+    refinement: Refinement | None = None
+    refine_options: Any = None
     method_options: dict = field(default_factory=dict)
     batch_size: int = 8
     order: str = "sublayer"
-    reconstruct: ReconstructConfig | None = None
+    repair: Repair | None = None
+    repair_options: Any = None
+
+    @property
+    def refine(self) -> str | None:
+        return self.refinement.name if self.refinement else None
 
     def settings(self) -> dict:
         return {"method": self.method.name, "pattern": self.pattern.name,
                 "per_row": getattr(self.pattern, "per_row", None), "sparsity": self.sparsity,
-                "allocation": self.allocation, "owl": asdict(self.owl) if self.allocation == "owl" else None,
-                "refine": self.refine, "dsnot": asdict(self.dsnot) if self.refine else None,
+                "allocation": self.allocation,
+                "allocation_options": _plain(self.allocation_options) if self.allocator else None,
+                "refine": self.refine, "refine_options": _plain(self.refine_options) if self.refinement else None,
                 "method_options": self.method_options, "batch_size": self.batch_size, "order": self.order,
-                "reconstruct": self.reconstruct.settings() if self.reconstruct else None}
+                "repair": self.repair.name if self.repair else None,
+                "repair_options": _plain(self.repair_options) if self.repair else None}
 
     @property
     def needs(self) -> frozenset[str]:
-        return self.method.needs | (frozenset({"norms", "moments"}) if self.refine == "dsnot" else frozenset())
+        return self.method.needs | (self.refinement.needs if self.refinement else frozenset())
 
 
-def _owl_block_sparsities(blocks: BlockInputs, hidden: torch.Tensor, plan: SequentialPlan,
-                          progress: bool) -> tuple[list[float], list[float]]:
-    """OWL's first pass: outlier ratios of Wanda scores, block by block on the dense model."""
-    ratios = []
-    adapter = blocks.adapter
-    hidden = hidden.clone()  # the pruning pass starts again from block 0's inputs
-    for index in tqdm(range(adapter.num_blocks), desc="OWL outlier ratios", disable=not progress, unit="block"):
-        blocks.on_device(index)
-        views = {v.name: v for v in adapter.block_linears(index).values()}
-        collector = blocks.calibrate(index, hidden, frozenset({"norms"}))
-        hidden = blocks.run(index, hidden)
-        ratios.append(outlier_ratio([wanda_scores(v.weight.detach(), collector.of(n)) for n, v in views.items()],
-                                    plan.owl.m))
-        blocks.release(index)
-    return ratios, owl_sparsities(ratios, plan.sparsity, plan.owl.lam)
+def _block_mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean squared error of a block's outputs against the dense targets, over all windows (in fp32)."""
+    return torch.nn.functional.mse_loss(outputs.float(), targets.float()).item()
 
 
 class _BlockPruner:
@@ -93,9 +88,7 @@ class _BlockPruner:
         self.handle, self.plan, self.sparsity = handle, plan, sparsity
         adapter = handle.adapter
         self.views = {v.name: v for v in adapter.block_linears(index).values()}
-        refinable = self.views if plan.dsnot.layers == "all" else \
-            {v.name for v in adapter.attention(index).linears.values()}
-        self.refined = set(refinable) if plan.refine == "dsnot" else set()
+        self.refined = plan.refinement.targets(adapter, index, plan.refine_options) if plan.refinement else set()
         self.events: list[str] = []
         self.swaps = 0
 
@@ -108,7 +101,8 @@ class _BlockPruner:
         for name, mask in result.masks.items():
             view = self.views[name]
             if name in dense:
-                weight, mask, count = refine(dense[name], view.weight.detach(), mask, stats, plan.pattern, plan.dsnot)
+                weight, mask, count = plan.refinement.refine(dense[name], view.weight.detach(), mask, stats,
+                                                             plan.pattern, plan.refine_options)
                 self.swaps += count
                 with torch.no_grad():
                     view.weight.copy_(weight.to(view.weight.dtype))
@@ -196,28 +190,29 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
             blocks.release(index)
     blocks.hidden = None  # the pipeline owns the activations from here on, one block's worth at a time
 
-    if plan.allocation == "owl" and "block_sparsity" not in state:
-        ratios, sparsities = _owl_block_sparsities(blocks, hidden, plan, progress)
-        checkpoint.save_state(outlier_ratios=ratios, block_sparsity=sparsities)
-    block_sparsity = checkpoint.state.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
+    if plan.allocator is not None and "allocated" not in state:
+        checkpoint.save_state(allocated=plan.allocator.allocate(blocks, hidden, plan.sparsity,
+                                                                plan.allocation_options, progress))
+    allocated = checkpoint.state.get("allocated") or {}
+    block_sparsity = allocated.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
     # what the blocks before ``first`` contributed (marks[i]: the running totals once block i was finished)
     marks: list[dict] = list(checkpoint.state.get("marks", []))[:first]
     if first and len(marks) < first:  # a checkpoint from before marks were recorded: nothing was rolled back
         totals = checkpoint.state
         marks = [{"events": len(totals.get("events", [])), "swaps": totals.get("swaps", 0),
-                  "reconstruction": len(totals.get("reconstruction", [])),
+                  "repairs": len(totals.get("repairs", [])),
                   "shared_roles": totals.get("shared_roles", {})}] * first
-    done = marks[-1] if marks else {"events": 0, "swaps": 0, "reconstruction": 0, "shared_roles": {}}
+    done = marks[-1] if marks else {"events": 0, "swaps": 0, "repairs": 0, "shared_roles": {}}
     events: list[str] = list(checkpoint.state.get("events", []))[:done["events"]]
     swaps = int(done["swaps"])
     shared_roles: dict[str, list[str]] = dict(done["shared_roles"])  # exact on resume
-    reconstruction: list[dict] = list(checkpoint.state.get("reconstruction", []))[:done["reconstruction"]]
+    repairs: list[dict] = list(checkpoint.state.get("repairs", []))[:done["repairs"]]
     bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                disable=not progress, unit="block")
     for index in bar:
         blocks.on_device(index)
         block = _BlockPruner(handle, plan, index, block_sparsity[index])
-        if plan.reconstruct is not None:  # targets: the dense block on what the pruned model upstream produces
+        if plan.repair is not None:  # targets: the dense block on what the pruned model upstream produces
             inputs = hidden.clone()
             targets = blocks.run(index, hidden.clone())
         if not plan.needs:  # data-free method under a calibrated allocation: prune, then propagate
@@ -234,13 +229,13 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
                 block.prune(group, collector.of(group[0]))
             del collector
             hidden = blocks.run(index, hidden)
-        if plan.reconstruct is not None:
-            before = block_mse(hidden, targets)  # hidden holds the pruned block's outputs here
-            record = reconstruct_block(handle, index, inputs, targets, blocks.ranges, blocks.kwargs_of(index),
-                                      plan.reconstruct)
+        if plan.repair is not None:
+            before = _block_mse(hidden, targets)  # hidden holds the pruned block's outputs here
+            record = plan.repair.repair(handle, index, inputs, targets, blocks.ranges, blocks.kwargs_of(index),
+                                        plan.repair_options)
             hidden = blocks.run(index, inputs)
-            record.update(mse_before=before, mse_after=block_mse(hidden, targets))
-            reconstruction.append(record)
+            record.update(mse_before=before, mse_after=_block_mse(hidden, targets))
+            repairs.append(record)
             bar.set_postfix(mse=f"{before:.3g}->{record['mse_after']:.3g}")
             del targets, inputs
         blocks.release(index)
@@ -250,10 +245,10 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         for name in block.views:
             tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
-        marks.append({"events": len(events), "swaps": swaps, "reconstruction": len(reconstruction),
+        marks.append({"events": len(events), "swaps": swaps, "repairs": len(repairs),
                       "shared_roles": shared_roles})
         checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps,
-                        shared_roles=shared_roles, reconstruction=reconstruction, marks=marks)
+                        shared_roles=shared_roles, repairs=repairs, marks=marks)
         if after_block is not None:
             after_block(index)
     return {
@@ -261,17 +256,17 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         "pattern": plan.pattern.name,
         "target_sparsity": plan.sparsity,
         "allocation": plan.allocation,
+        **allocated,
         "block_sparsity": block_sparsity,
-        "outlier_ratios": checkpoint.state.get("outlier_ratios"),
         "refine": plan.refine,
-        "dsnot_swaps": swaps if plan.refine else None,
+        "refine_swaps": swaps if plan.refine else None,
         "events": events,
         "order": plan.order,
         "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1],
                         "batch_size": blocks.batch_size},
         "resumed_from_block": first or None,
-        "reconstruction": {"settings": plan.reconstruct.settings(), "blocks": reconstruction,
-                           "mse_before_sum": sum(r["mse_before"] for r in reconstruction),
-                           "mse_after_sum": sum(r["mse_after"] for r in reconstruction)} if plan.reconstruct else None,
+        **({plan.repair.name: {"settings": _plain(plan.repair_options), "blocks": repairs,
+                               "mse_before_sum": sum(r["mse_before"] for r in repairs),
+                               "mse_after_sum": sum(r["mse_after"] for r in repairs)}} if plan.repair else {}),
         "seconds": round(time.perf_counter() - started, 3),
     }

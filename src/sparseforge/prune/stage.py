@@ -11,8 +11,11 @@ from ..settings import StrictSettings, registered
 from ..sparsity.allocation import ALLOCATIONS
 from ..sparsity.patterns import parse_pattern, resolve_sparsity
 from ..stages import StageContext, StageSpec, register_stage
+from .dsnot import DSnoTConfig  # importing OWL and DSnoT registers their pipeline hooks
+from .hooks import refinement_names
+from .owl import OWLConfig
 from .methods import METHODS
-from .pruner import ORDERS, REFINEMENTS, check_calibration_memory, check_prune_request, method_options, prune
+from .pruner import ORDERS, check_calibration_memory, check_prune_request, method_options, prune
 
 
 class PruneStage(StrictSettings):
@@ -23,17 +26,23 @@ class PruneStage(StrictSettings):
     pattern: str = "unstructured"
     per_row: bool | None = Field(None, description="compare within output rows; default: the method's choice")
     allocation: str = "uniform"
-    refine: Literal[REFINEMENTS] | None = None  # type: ignore[valid-type]
+    refine: str | None = Field(None, description="training-free mask refinement after pruning: dsnot")
     batch_size: int = Field(8, ge=1, description="calibration windows per forward batch")
     order: Literal[ORDERS] = "sublayer"  # type: ignore[valid-type]
-    owl: dict = Field(default_factory=dict, description="OWL options: m, lam")
-    dsnot: dict = Field(default_factory=dict, description="DSnoT options: max_cycles, threshold, sign_check, layers")
+    owl: dict = Field(default_factory=dict, description=f"OWL options: {', '.join(OWLConfig.__dataclass_fields__)}")
+    dsnot: dict = Field(default_factory=dict,
+                        description=f"DSnoT options: {', '.join(DSnoTConfig.__dataclass_fields__)}")
     sparsegpt: dict = Field(default_factory=dict, description="SparseGPT options: block_size, dampening")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         return registered(value, METHODS, "method")
+
+    @field_validator("refine")
+    @classmethod
+    def _known_refinement(cls, value: str | None) -> str | None:
+        return None if value is None else registered(value, refinement_names(), "refinement")
 
     @field_validator("allocation")
     @classmethod
@@ -86,8 +95,8 @@ def report_prune_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
                      f"order `{stage.get('order')}`, {stage.get('seconds', 0):.1f} s")
     if stage.get("allocation") == "owl" and stage.get("block_sparsity"):
         lines.append("- OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
-    if stage.get("dsnot_swaps") is not None:
-        lines.append(f"- DSnoT swaps: {stage['dsnot_swaps']:,}")
+    if stage.get("refine_swaps") is not None:
+        lines.append(f"- {stage['refine']} swaps: {stage['refine_swaps']:,}")
     if stage.get("resumed_from_block"):
         lines.append(f"- resumed from block {stage['resumed_from_block']} of an interrupted run")
     if stage.get("reconstruction"):

@@ -10,13 +10,14 @@ gradients. Steps cycle through the calibration batches in a fixed order (the ref
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import RetrainError
 from ..models.handle import LoadedModel
+from ..prune.hooks import Repair, register_hook
 from .lora import SPARSE_VARIANTS, LoRAConfig
 from .selection import check_groups, freeze, select_parameters
 from .trainer import TrainConfig, train
@@ -54,14 +55,6 @@ class ReconstructConfig:
         except TypeError as exc:
             raise RetrainError(f"invalid reconstruct options: {exc}") from None
 
-    def settings(self) -> dict:
-        return {**asdict(self), "lora": asdict(self.lora)}
-
-
-def block_mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean squared error of a block's outputs against the dense targets, over all windows (in fp32)."""
-    return F.mse_loss(outputs.float(), targets.float()).item()
-
 
 def reconstruct_block(handle: LoadedModel, index: int, inputs: torch.Tensor, targets: torch.Tensor,
                       ranges: list[tuple[int, int]], kwargs: dict[int, dict], config: ReconstructConfig) -> dict:
@@ -89,3 +82,8 @@ def reconstruct_block(handle: LoadedModel, index: int, inputs: torch.Tensor, tar
         selection.adapters.merge()
     return {"block": index, "trainable": selection.describe()["trainable"],
             "peak_memory_mb": report["peak_memory_mb"], "stopped": report["stopped"]}
+
+
+register_hook(Repair("reconstruction",
+                     lambda value: value if isinstance(value, ReconstructConfig) else ReconstructConfig.from_dict(value),
+                     reconstruct_block))

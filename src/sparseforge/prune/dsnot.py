@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration.statistics import InputStatistics
+from ..errors import PatternError
 from ..sparsity.patterns import NM, Pattern
+from .hooks import Refinement, dataclass_options, register_hook
 
 INF = float("inf")
 
@@ -107,3 +109,19 @@ def refine(dense: torch.Tensor, current: torch.Tensor, mask: torch.Tensor, stats
             ptr["drop_pos"] += (ok & ~positive).long()
     weight = torch.where(mask, torch.where(grown, dense, current), torch.zeros_like(current))
     return weight, mask, swaps
+
+
+def _options(value) -> DSnoTConfig:
+    config = dataclass_options(DSnoTConfig, value, "dsnot")
+    if config.layers not in ("all", "attention"):
+        raise PatternError(f"dsnot layers must be 'all' or 'attention', got '{config.layers}'")
+    return config
+
+
+def _targets(adapter, index: int, config: DSnoTConfig) -> set[str]:
+    views = adapter.block_linears(index).values() if config.layers == "all" else \
+        adapter.attention(index).linears.values()
+    return {view.name for view in views}
+
+
+register_hook(Refinement("dsnot", _options, frozenset({"norms", "moments"}), _targets, refine))

@@ -1,1 +1,0 @@
-"""Training-free refinement of masks found by one-shot pruning (DSnoT)."""
