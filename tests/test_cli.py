@@ -44,7 +44,7 @@ def test_help_reads_well(capsys, monkeypatch):
 def test_prune_writes_a_complete_run_directory(capsys, monkeypatch, tmp_path, text_file):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, monkeypatch, "prune", "tiny-llama", "--sparsity", "0.5", "--pattern", "2:4",
-                             "--out", out_dir, "--data", text_file, "--seqlen", "64", "--eval-windows", "4")
+                             "--out", out_dir, "--eval-data", text_file, "--seqlen", "64", "--eval-windows", "4")
     assert code == 0, err
     report = json.loads((out_dir / "report.json").read_text())
     assert report["sparsity"]["overall"] == pytest.approx(0.5)
@@ -76,8 +76,8 @@ export: {{format: bitmask, dtype: float16}}
     code, out, err = run_cli(capsys, monkeypatch, "info", tmp_path / "run")
     assert code == 0, err
     assert "gpt2" in out and "70.00%" in out and "bitmask" in out
-    code, out, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "run", "--data", text_file, "--seqlen", "64",
-                             "--windows", "2", "--speed", "--repeats", "1", "--new-tokens", "4",
+    code, out, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "run", "--eval-data", text_file, "--seqlen", "64",
+                             "--eval-windows", "2", "--speed", "--repeats", "1", "--new-tokens", "4",
                              "--json", tmp_path / "m.json")
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
@@ -157,8 +157,8 @@ CASES = {
     "N >= M": (["prune", "tiny-llama", "--pattern", "4:4"], "0 < N < M"),
     "M does not divide": (["prune", "tiny-llama", "--pattern", "2:48", "--no-ppl"], "does not divide"),
     "NaN weights": (["prune", "%nan_model"], "NaN or Inf"),
-    "empty evaluation text": (["prune", "tiny-llama", "--data", "@empty.txt"], "empty"),
-    "too-short evaluation text": (["eval", "tiny-llama", "--data", "@short.txt"], "too few"),
+    "empty evaluation text": (["prune", "tiny-llama", "--eval-data", "@empty.txt"], "empty"),
+    "too-short evaluation text": (["eval", "tiny-llama", "--eval-data", "@short.txt"], "too few"),
     "truncated checkpoint": (["info", "%truncated_model"], "truncated"),
     "unknown recipe key": (["run", "@bad.yaml"], "unknown key 'stages.0.prune.sparsityy'"),
     "wrong recipe type": (["run", "@wrong.yaml"], "data.seqlen"),
@@ -229,7 +229,7 @@ def pruned_tiny(tmp_path):
 
 def test_retrain_recovers_a_pruned_run_and_keeps_its_masks(capsys, monkeypatch, tmp_path, text_file, pruned_tiny):
     code, out, err = run_cli(capsys, monkeypatch, "retrain", pruned_tiny, "--params", "norm,lora", "--steps", "2",
-                             "--batch", "2", "--seqlen", "32", "--data", text_file, "--rank", "4",
+                             "--batch-size", "2", "--seqlen", "32", "--train-data", text_file, "--rank", "4",
                              "--eval-windows", "2", "--out", tmp_path / "run")
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -243,7 +243,7 @@ def test_retrain_recovers_a_pruned_run_and_keeps_its_masks(capsys, monkeypatch, 
 
 def test_prune_with_reconstruction_from_the_command_line(capsys, monkeypatch, tmp_path, text_file):
     code, _, err = run_cli(capsys, monkeypatch, "prune", "tiny-llama", "--method", "wanda", "--calibration",
-                           text_file, "--data", text_file, "--seqlen", "32", "--nsamples", "4", "--reconstruct", "3",
+                           text_file, "--eval-data", text_file, "--seqlen", "32", "--nsamples", "4", "--reconstruct", "3",
                            "--eval-windows", "2", "--out", tmp_path / "run")
     assert code == 0, err
     stage = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][0]

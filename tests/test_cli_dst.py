@@ -23,7 +23,7 @@ def synthetic(monkeypatch):
 
 def test_continual_writes_a_summary_plots_and_resumes(capsys, monkeypatch, tmp_path, synthetic):
     out = tmp_path / "run"
-    args = ["continual", "--density", "0.3", "--epochs", "1", "--batch", "16", "--delta-t", "3", "--tasks", "2",
+    args = ["continual", "--density", "0.3", "--epochs", "1", "--batch-size", "16", "--delta-t", "3", "--tasks", "2",
             "--seeds", "2", "--baselines", "--out", out]
     code, stdout, err = run_cli(capsys, monkeypatch, *args)
     assert code == 0, err
@@ -58,7 +58,7 @@ def test_continual_refuses_bad_input_before_training(capsys, monkeypatch, tmp_pa
 def test_dst_trains_sparse_and_writes_weights_and_masks(capsys, monkeypatch, tmp_path, synthetic):
     out = tmp_path / "dst"
     code, stdout, err = run_cli(capsys, monkeypatch, "dst", "--method", "set", "--density", "0.3", "--epochs", "2",
-                                "--batch", "16", "--delta-t", "4", "--out", out)
+                                "--batch-size", "16", "--delta-t", "4", "--out", out)
     assert code == 0, err
     assert "test accuracy" in stdout
     result = json.loads((out / "result.json").read_text())
@@ -73,7 +73,7 @@ def test_dst_trains_sparse_and_writes_weights_and_masks(capsys, monkeypatch, tmp
 @pytest.mark.parametrize("args, message", [
     (["--method", "prospr"], "unknown method 'prospr'"),
     (["--density", "1.5"], "density must be in (0, 1]"),
-    (["--data", "svhn"], "unknown dataset 'svhn'"),
+    (["--train-data", "svhn"], "unknown dataset 'svhn'"),
     (["--epochs", "0"], "epochs and batch must be at least 1"),
 ])
 def test_dst_refuses_bad_input(capsys, monkeypatch, tmp_path, synthetic, args, message):

@@ -105,8 +105,8 @@ def test_output_paths_are_checked_before_any_work(capsys, monkeypatch, tmp_path)
 
 def test_json_into_new_folders_is_written(capsys, monkeypatch, tmp_path, text_file):
     target = tmp_path / "nodir" / "sub" / "m.json"
-    code, _, err = run_cli(capsys, monkeypatch, "eval", "tiny-llama", "--data", text_file, "--seqlen", "32",
-                           "--windows", "2", "--json", target)
+    code, _, err = run_cli(capsys, monkeypatch, "eval", "tiny-llama", "--eval-data", text_file, "--seqlen", "32",
+                           "--eval-windows", "2", "--json", target)
     assert code == 0, err
     assert "perplexity" in json.loads(target.read_text())
 

@@ -213,8 +213,8 @@ def test_cli_factorize_then_generate_and_eval(capsys, monkeypatch, tmp_path):
     from test_cli import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, "factorize", "tiny-llama", "--experts", "4", "--topk", "1",
-                           "--partition", "kmeans", "--router-steps", "2", "--expert-steps", "1", "--batch", "2",
-                           "--train-seqlen", "16",
+                           "--partition", "kmeans", "--router-steps", "2", "--expert-steps", "1", "--batch-size", "2",
+                           "--seqlen", "16",
                            "--eval-windows", "2", "--out", tmp_path / "run")
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -316,7 +316,7 @@ def test_unreachable_ray_address_fails_fast(tiny_llama, tmp_path):
 def test_cli_search_writes_the_front_and_exports_the_pick(capsys, monkeypatch, tmp_path):
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, monkeypatch, "search", "tiny-llama", "--pick", "0.6", "--levels", LEVELS,
-                                "--windows", "2", "--search-seqlen", "32", "--population", "6", "--generations", "2",
+                                "--search-windows", "2", "--search-seqlen", "32", "--population", "6", "--generations", "2",
                                 "--nsamples", "4", "--seqlen", "64", "--eval-windows", "2",
                                 "--cache-dir", tmp_path / "cache", "--out", out)
     assert code == 0, err

@@ -328,7 +328,7 @@ def test_cli_shrink_and_finercut_end_to_end(capsys, monkeypatch, tmp_path):
     assert (tmp_path / "s" / "structure.png").exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "s" / "model").config.intermediate_size == 96
     code, out, err = run_cli(capsys, monkeypatch, "finercut", "tiny-gpt2", "--remove", "0.5", "--nsamples", "4",
-                             "--calib-seqlen", "16", "--seqlen", "32", "--eval-windows", "2", "--out", tmp_path / "f")
+                             "--seqlen", "16", "--eval-seqlen", "32", "--eval-windows", "2", "--out", tmp_path / "f")
     assert code == 0, err
     report = json.loads((tmp_path / "f" / "report.json").read_text())
     assert len(report["stages"][0]["removed"]) == 2

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import SparseforgeError
-from .data.windows import DEFAULT_EVAL_WINDOWS
+from .data.windows import CALIBRATION_WINDOWS, DEFAULT_EVAL_WINDOWS
 
 app = typer.Typer(
     help="Make LLMs smaller and faster through sparsity, with honest measurements.",
@@ -38,6 +38,24 @@ MASKS_FROM_ZEROS_HELP = ("read the exact zeros of a dense checkpoint pruned else
 BOS_HELP = "BOS token first in every text window: auto (when the tokenizer adds one), always, never"
 MODEL_HELP = ("'default' (SmolLM2-135M-Instruct, offline), tiny-<family>, a Hugging Face Hub id, a local HF "
               "directory, a sparseforge run/export directory, or a .gguf file")
+TEXT = "default, wikitext2, c4, or a .txt/.jsonl file"
+
+# Options that mean the same wherever they appear (docs/cli.md), declared once.
+OVERWRITE = typer.Option(False, "--overwrite", help="replace an existing run directory written by sparseforge")
+RESTART = typer.Option(False, "--restart", help="discard the checkpoints of an interrupted run instead of resuming")
+DEVICE = typer.Option("cpu", help=DEVICE_HELP)
+BOS = typer.Option("auto", help=BOS_HELP)
+PPL = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after")
+SPEED = typer.Option(False, "--speed", help="measure prefill/decode speed before and after")
+EVAL_WINDOWS = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)")
+EVAL_DATA = typer.Option("default", help="evaluation text: " + TEXT)
+CALIBRATION = typer.Option("default", help="calibration text: " + TEXT)
+TRAIN_DATA = typer.Option("default", help="training text (its training side): " + TEXT)
+NSAMPLES = typer.Option(CALIBRATION_WINDOWS, help="number of calibration windows")
+EXPORT_DTYPE = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)")
+FORMAT = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm")
+DENSE_FORMAT = typer.Option("dense", help="export format: dense (default: a shrunk model has no zeros to skip), "
+                                          "auto, bitmask or nm")
 
 
 def _quiet_libraries() -> None:
@@ -101,51 +119,44 @@ def prune(
                                                 "(default: the method's choice, per row for wanda)"),
     allocation: str = typer.Option("uniform", help="how sparsity is spread over blocks: uniform or owl"),
     refine: Optional[str] = typer.Option(None, help="training-free mask refinement after pruning: dsnot"),
-    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
-    nsamples: int = typer.Option(64, help="number of calibration windows"),
+    calibration: str = CALIBRATION,
+    nsamples: int = NSAMPLES,
     seqlen: int = typer.Option(512, help="window length in tokens (calibration and evaluation)"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     order: str = typer.Option("sublayer", help="sublayer: one pass per block, each linear calibrated on pruned "
                                                "upstream outputs; block: the reference two-pass order, less memory"),
     batch_size: int = typer.Option(8, help="calibration windows per forward batch"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>-<amount>)"),
-    format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
-    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
+    format: str = FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    ppl: bool = PPL,
+    speed: bool = SPEED,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
     reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
                                               help="layer-wise reconstruction: after each block is pruned, train its "
                                                    "norms and a MaskLoRA for STEPS steps to match the dense block"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Prune a model one-shot, evaluate before and after, export it, and write a report.
 
     Calibrated methods checkpoint after every block; rerunning the same command after an interruption resumes.
     """
-    from .pipeline import run_recipe
     from .prune.pruner import DEFAULT_SPARSITY
-    from .recipe import parse_recipe
 
     if sparsity is None and pattern == "unstructured":
         sparsity = DEFAULT_SPARSITY
-    recipe = parse_recipe({
-        "model": model,
-        "device": device,
-        "data": {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos,
-                 "evaluation": data, "eval_windows": eval_windows},
-        "stages": [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
-                              "allocation": allocation, "refine": refine, "order": order,
-                              "batch_size": batch_size}}]
-        + ([{"retrain": {"method": "reconstruct", "steps": reconstruct}}] if reconstruct is not None else []),
-        "evaluate": {"perplexity": ppl},
-        "export": {"format": format, "dtype": dtype},
-    }, origin="arguments")
-    out_dir = out_dir or _default_out(model, method, pattern, sparsity)
-    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+    stages = [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
+                         "allocation": allocation, "refine": refine, "order": order, "batch_size": batch_size}}]
+    if reconstruct is not None:
+        stages.append({"retrain": {"method": "reconstruct", "steps": reconstruct}})
+    _run_stages(model, stages, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                "bos": bos, "evaluation": eval_data, "eval_windows": eval_windows},
+                out_dir or _default_out(model, method, pattern, sparsity), ppl=ppl, speed=speed,
+                export_format=format, export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
 
 
 @app.command()
@@ -161,22 +172,25 @@ def retrain(
     alpha: float = typer.Option(32.0, help="LoRA alpha (scale alpha/rank; ScaleLoRA ignores it)"),
     steps: int = typer.Option(100, help="optimizer steps (IMP: over all rounds)"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: 5e-4 perp, 2e-5 full and imp)"),
-    batch: int = typer.Option(8, help="windows per step"),
+    batch_size: int = typer.Option(8, help="windows per step"),
     seqlen: int = typer.Option(512, help="training window length in tokens (also the evaluation window)"),
-    data: str = typer.Option("default", help="training text (its training side): default, wikitext2, c4, or a "
+    train_data: str = typer.Option("default", help="training text (its training side): default, wikitext2, c4, or a "
                                              ".txt/.jsonl file"),
     seed: int = typer.Option(0, help="seed for the order of training windows"),
-    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in the backward pass (less memory)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass (less memory)"),
     imp_sparsity: float = typer.Option(0.5, help="imp: final sparsity"),
     imp_rounds: int = typer.Option(3, help="imp: prune-retrain rounds"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>)"),
-    format: str = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
+    format: str = FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    ppl: bool = PPL,
+    speed: bool = SPEED,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
     masks_from_zeros: bool = typer.Option(False, "--masks-from-zeros", help=MASKS_FROM_ZEROS_HELP),
 ) -> None:
     """Recover a pruned model's quality by retraining, evaluate before and after, export it, and write a report.
@@ -184,23 +198,15 @@ def retrain(
     The sparsity pattern is kept exactly (except with --lora-variant plain). Training checkpoints every 25 steps;
     rerunning the same command after an interruption resumes.
     """
-    from .pipeline import run_recipe
-    from .recipe import parse_recipe
-
-    recipe = parse_recipe({
-        "model": model,
-        "device": device,
-        "masks_from_zeros": masks_from_zeros,
-        "data": {"calibration": data, "seqlen": seqlen, "seed": seed, "eval_windows": eval_windows, "bos": bos},
-        "stages": [{"retrain": {"method": method, "params": [p.strip() for p in params.split(",") if p.strip()],
-                                "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps,
-                                "lr": lr, "batch": batch, "gradient_checkpointing": gradient_checkpointing,
-                                "imp": {"sparsity": imp_sparsity, "rounds": imp_rounds}}}],
-        "evaluate": {"perplexity": ppl},
-        "export": {"format": format},
-    }, origin="arguments")
-    out_dir = out_dir or _run_directory(model, method)
-    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+    stage = {"retrain": {"method": method, "params": [p.strip() for p in params.split(",") if p.strip()],
+                         "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps, "lr": lr,
+                         "batch": batch_size, "gradient_checkpointing": gradient_checkpointing,
+                         "imp": {"sparsity": imp_sparsity, "rounds": imp_rounds}}}
+    _run_stages(model, [stage], {"calibration": train_data, "seqlen": seqlen, "seed": seed, "bos": bos,
+                                 "evaluation": eval_data, "eval_windows": eval_windows},
+                out_dir or _run_directory(model, method), ppl=ppl, speed=speed, export_format=format,
+                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart,
+                masks_from_zeros=masks_from_zeros)
 
 
 def _ratios(text: str, what: str) -> float | list[float]:
@@ -214,20 +220,21 @@ def _ratios(text: str, what: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _structural_run(model: str, stage: dict, data: dict, ppl: bool, eval_windows: int, speed: bool,
-                    out_dir: str, dtype: Optional[str], device: str, overwrite: bool, restart: bool,
-                    export_format: str = "dense") -> None:
+def _run_stages(model: str, stages: list[dict], data: dict, out_dir: str, *, ppl: bool, speed: bool,
+                export_format: str, export_dtype: Optional[str], device: str, overwrite: bool, restart: bool,
+                masks_from_zeros: bool = False) -> dict:
+    """What every stage command does: build a recipe from its options, run it, print the summary."""
     from .pipeline import run_recipe
     from .recipe import parse_recipe
 
     recipe = parse_recipe({
-        "model": model, "device": device,
-        "data": {**data, "eval_windows": eval_windows},
-        "stages": [stage],
+        "model": model, "device": device, "masks_from_zeros": masks_from_zeros, "data": data, "stages": stages,
         "evaluate": {"perplexity": ppl, "speed": speed},
-        "export": {"format": export_format, "dtype": dtype},
+        "export": {"format": export_format, "dtype": export_dtype},
     }, origin="arguments")
-    _print_summary(run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart), out_dir)
+    report = run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart)
+    _print_summary(report, out_dir)
+    return report
 
 
 @app.command()
@@ -240,19 +247,22 @@ def shrink(
     head_unit: str = typer.Option("auto", help="with GQA: auto (within when groups hold several query heads, "
                                                "else group), within (query heads inside each group) or group "
                                                "(whole key/value groups)"),
-    compensate: bool = typer.Option(False, help="add removed neurons' mean contribution to the output bias"),
-    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
-    nsamples: int = typer.Option(32, help="number of calibration windows"),
+    compensate: bool = typer.Option(False, "--compensate", help="add removed neurons' mean contribution to the output bias"),
+    calibration: str = CALIBRATION,
+    nsamples: int = NSAMPLES,
     seqlen: int = typer.Option(512, help="window length in tokens (calibration and evaluation)"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-shrink)"),
-    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    format: str = DENSE_FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    ppl: bool = PPL,
+    speed: bool = SPEED,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Remove FFN neurons and attention heads physically: a smaller dense model that really runs faster.
 
@@ -261,9 +271,10 @@ def shrink(
     """
     stage = {"shrink": {"ffn": _ratios(ffn, "ffn"), "heads": _ratios(heads, "heads"), "score": score,
                         "round_to": round_to, "head_unit": head_unit, "compensate": compensate}}
-    out_dir = out_dir or _run_directory(model, "shrink")
-    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos},
-                    ppl, eval_windows, speed, out_dir, dtype, device, overwrite, restart=False)
+    _run_stages(model, [stage], {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                 "bos": bos, "evaluation": eval_data, "eval_windows": eval_windows},
+                out_dir or _run_directory(model, "shrink"), ppl=ppl, speed=speed, export_format=format,
+                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
 
 
 @app.command()
@@ -275,30 +286,33 @@ def finercut(
     distance: str = typer.Option("js", help="js, js_reference (the paper code's argument order), kl, l2, angular"),
     exclude: float = typer.Option(0.0, help="protect the first blocks until this fraction is removed (paper: 0.4 "
                                             "for LLaMA-3-8B)"),
-    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    calibration: str = CALIBRATION,
     nsamples: int = typer.Option(8, help="calibration windows (the paper: 10)"),
-    calib_seqlen: int = typer.Option(128, help="calibration window length (the paper: 256)"),
-    seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
+    seqlen: int = typer.Option(128, help="calibration window length (the paper: 256)"),
+    eval_seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-finercut)"),
-    dtype: Optional[str] = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed before and after"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-    restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted search instead of resuming"),
+    format: str = DENSE_FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    ppl: bool = PPL,
+    speed: bool = SPEED,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Remove whole attention and FFN sub-layers, one at a time, where the output distribution moves least.
 
     The search checkpoints after every removal; rerunning the same command after an interruption resumes.
     """
     stage = {"finercut": {"remove": remove, "unit": unit, "distance": distance, "exclude": exclude,
-                          "nsamples": nsamples, "seqlen": calib_seqlen}}
-    out_dir = out_dir or _run_directory(model, "finercut")
-    _structural_run(model, stage, {"calibration": calibration, "seqlen": seqlen, "seed": seed, "bos": bos}, ppl, eval_windows,
-                    speed, out_dir, dtype, device, overwrite, restart)
+                          "nsamples": nsamples, "seqlen": seqlen}}
+    _run_stages(model, [stage], {"calibration": calibration, "seqlen": eval_seqlen, "seed": seed, "bos": bos,
+                                 "evaluation": eval_data, "eval_windows": eval_windows},
+                out_dir or _run_directory(model, "finercut"), ppl=ppl, speed=speed, export_format=format,
+                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
 
 
 skip_app = typer.Typer(help="Input-adaptive FFN skipping while decoding (FFN-SkipLLM).", no_args_is_help=True,
@@ -316,7 +330,7 @@ def skip_calibrate(
     cold_start: Optional[int] = typer.Option(None, help="first layers never skipped (default: from calibration)"),
     cold_end: Optional[int] = typer.Option(None, help="last layers never skipped (default: from calibration)"),
     warmup: int = typer.Option(0, help="generated tokens decoded with the full model before skipping starts"),
-    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
+    calibration: str = CALIBRATION,
     nsamples: int = typer.Option(8, help="calibration prompts"),
     prompt_tokens: int = typer.Option(48, help="tokens per calibration prompt"),
     new_tokens: int = typer.Option(32, help="tokens generated per calibration prompt"),
@@ -325,10 +339,14 @@ def skip_calibrate(
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (text scored as if the "
                                                         "policy had generated it)"),
     speed: bool = typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    format: str = DENSE_FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Calibrate where and how much to skip FFN blocks per token, and save the policy with the model.
 
@@ -338,9 +356,10 @@ def skip_calibrate(
     stage = {"skip": {"target": target, "k": k, "similarity": similarity, "cold_start": cold_start,
                       "cold_end": cold_end, "warmup": warmup, "nsamples": nsamples, "prompt_tokens": prompt_tokens,
                       "new_tokens": new_tokens}}
-    out_dir = out_dir or _run_directory(model, f"skip{target:g}")
-    _structural_run(model, stage, {"calibration": calibration, "seed": seed, "bos": bos}, ppl, eval_windows, speed, out_dir,
-                    None, device, overwrite, restart=False)
+    _run_stages(model, [stage], {"calibration": calibration, "seed": seed, "bos": bos, "evaluation": eval_data,
+                                 "eval_windows": eval_windows},
+                out_dir or _run_directory(model, f"skip{target:g}"), ppl=ppl, speed=speed, export_format=format,
+                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
 
 
 @app.command()
@@ -356,23 +375,26 @@ def factorize(
     expert_steps: int = typer.Option(10, help="stage 2: expert fine-tuning steps (0: dense weights kept)"),
     router_lr: float = typer.Option(1e-2, help="stage 1 learning rate"),
     expert_lr: float = typer.Option(1e-3, help="stage 2 learning rate"),
-    batch: int = typer.Option(4, help="training windows per step"),
-    train_seqlen: int = typer.Option(256, help="tokens per training window"),
+    batch_size: int = typer.Option(4, help="training windows per step"),
+    seqlen: int = typer.Option(256, help="tokens per training window"),
     pa_weight: float = typer.Option(0.05, help="Prior-Approximate loss weight (summed over layers)"),
     balance_weight: float = typer.Option(0.01, help="load-balancing loss weight (summed over layers)"),
     lm_weight: float = typer.Option(0.0, help="stage 1 LM loss weight (with --router-grad straight_through)"),
     router_grad: str = typer.Option("pa_only", help="pa_only (hard top-k, the reference) or straight_through "
                                                     "(the LM loss reaches the router)"),
-    data: str = typer.Option("default", help="training text: default, wikitext2, c4, or a .txt/.jsonl"),
+    train_data: str = TRAIN_DATA,
     seed: int = typer.Option(0, help="seed for partitions, routers and batches"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<E>e<K>k)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after"),
+    ppl: bool = PPL,
     speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many evaluation windows (0: all)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-    restart: bool = typer.Option(False, help="discard the checkpoint of an interrupted run instead of resuming"),
+    format: str = DENSE_FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    bos: str = BOS,
+    device: str = DEVICE,
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Split every FFN into routed experts (FactorLLM) and run only the top-k per token.
 
@@ -382,11 +404,12 @@ def factorize(
     """
     stage = {"factorize": {"experts": experts, "topk": topk, "partition": partition, "shared_expert": shared_expert,
                            "router_steps": router_steps, "expert_steps": expert_steps, "router_lr": router_lr,
-                           "expert_lr": expert_lr, "batch": batch, "seqlen": train_seqlen, "pa_weight": pa_weight,
+                           "expert_lr": expert_lr, "batch": batch_size, "seqlen": seqlen, "pa_weight": pa_weight,
                            "balance_weight": balance_weight, "lm_weight": lm_weight, "router_grad": router_grad}}
-    out_dir = out_dir or _run_directory(model, f"{experts}e{topk}k")
-    _structural_run(model, stage, {"calibration": data, "seed": seed, "bos": bos}, ppl, eval_windows, speed, out_dir, None,
-                    device, overwrite, restart)
+    _run_stages(model, [stage], {"calibration": train_data, "seed": seed, "bos": bos, "evaluation": eval_data,
+                                 "eval_windows": eval_windows},
+                out_dir or _run_directory(model, f"{experts}e{topk}k"), ppl=ppl, speed=speed, export_format=format,
+                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
 
 
 @app.command()
@@ -400,7 +423,7 @@ def generate(
     seed: int = typer.Option(0, help="sampling seed"),
     policy: Optional[Path] = typer.Option(None, help="a skip_policy.json (or a directory holding one) to apply"),
     no_skip: bool = typer.Option(False, "--no-skip", help="ignore the saved skip policy: the full model"),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    device: str = DEVICE,
 ) -> None:
     """Generate text with the KV cache, skipping FFN blocks as the model's skip policy decides (or running only the
     routed experts of a factorized model)."""
@@ -436,7 +459,7 @@ def generate(
 @app.command()
 def continual(
     benchmark: str = typer.Option("split-fashion-mnist", help="split-fashion-mnist, split-cifar10 (offline), "
-                                                              "split-cifar100, split-miniimagenet (--data DIR)"),
+                                                              "split-cifar100, split-miniimagenet (--train-data DIR)"),
     strategy: str = typer.Option("dst", help="dst (per-task masks rewired by DST), static (per-task random masks), "
                                              "finetune (one dense network), dense-per-task (upper bound)"),
     density: float = typer.Option(0.2, help="share of weights each task's mask keeps, in (0, 1]"),
@@ -447,7 +470,7 @@ def continual(
                                                    "classes"),
     backbone: str = typer.Option("mlp", help="mlp (784-256-256) or resnet (small CIFAR ResNet)"),
     epochs: int = typer.Option(3, help="epochs per task"),
-    batch: int = typer.Option(64, help="training batch"),
+    batch_size: int = typer.Option(64, help="training batch"),
     lr: float = typer.Option(1e-3, help="Adam learning rate"),
     delta_t: int = typer.Option(50, help="optimizer steps between topology updates"),
     drop_fraction: float = typer.Option(0.5, help="share of active weights rewired at the first update (cosine "
@@ -458,7 +481,7 @@ def continual(
     seed: int = typer.Option(0, help="first seed"),
     baselines: bool = typer.Option(False, "--baselines", help="also run the static mask, fine-tuning and a dense "
                                                              "network per task"),
-    data: Optional[str] = typer.Option(None, help="image directory (split-miniimagenet)"),
+    train_data: Optional[str] = typer.Option(None, help="image directory (split-miniimagenet)"),
     workers: int = typer.Option(1, help="runs in parallel processes"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/continual-...)"),
 ) -> None:
@@ -474,9 +497,9 @@ def continual(
 
     config = ContinualConfig(strategy=strategy, backbone=backbone, density=density, init=init, growth=growth,
                              drop=drop, delta_t=delta_t, drop_fraction=drop_fraction, new_weights=new_weights,
-                             epochs=epochs, batch=batch, lr=lr, seed=seed)
+                             epochs=epochs, batch=batch_size, lr=lr, seed=seed)
     out_dir = out_dir or str(Path("runs") / f"continual-{benchmark}-{config.label().replace(' ', '-')}")
-    summary = run(config, out_dir, benchmark, seeds, tasks, data, baselines, workers)
+    summary = run(config, out_dir, benchmark, seeds, tasks, train_data, baselines, workers)
     out.print(summary_table(summary["rows"]), highlight=False, markup=False)
     _log(f"{summary['benchmark']}; written to {out_dir}")
 
@@ -485,29 +508,33 @@ def continual(
 def dst(
     model: str = typer.Argument("mlp", help="an image backbone (mlp, resnet) or a language model: " + MODEL_HELP),
     method: str = typer.Option("rigl", help="set, rigl, snfs, static (a fixed random mask) or dense"),
-    density: float = typer.Option(0.2, help="share of weights kept, in (0, 1]"),
+    density: Optional[float] = typer.Option(None, help="share of weights kept, in (0, 1] (default: 0.2 for image "
+                                                       "backbones, 0.5 for language models)"),
     init: str = typer.Option("erk", help="mask initialisation: uniform or erk"),
-    data: Optional[str] = typer.Option(None, help="images: fashion-mnist (default), cifar10, cifar100; language "
-                                                  "models: default, wikitext2, c4, or a .txt/.jsonl"),
+    train_data: Optional[str] = typer.Option(None, help="images: fashion-mnist (default), cifar10, cifar100; "
+                                                        "language models: " + TEXT),
     epochs: int = typer.Option(10, help="training epochs (image backbones)"),
     steps: int = typer.Option(200, help="training steps (language models)"),
     seqlen: int = typer.Option(256, help="tokens per training window (language models)"),
     from_scratch: bool = typer.Option(True, "--from-scratch/--from-pretrained",
                                       help="language models: re-initialise the weights, or start from the loaded "
                                            "ones under random masks"),
-    batch: int = typer.Option(128, help="training batch (images) or windows per step (language models: 8)"),
+    batch_size: int = typer.Option(128, help="training batch (images) or windows per step (language models: at "
+                                            "most 8)"),
     lr: float = typer.Option(1e-3, help="learning rate"),
     delta_t: int = typer.Option(100, help="optimizer steps between topology updates"),
     drop_fraction: float = typer.Option(0.3, help="share of active weights rewired at the first update"),
     stop_fraction: float = typer.Option(0.75, help="no topology updates after this share of training"),
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="language models: at most this many perplexity "
-                                                                "windows (0: all)"),
-    format: str = typer.Option("auto", help="language models: export format (auto, dense, bitmask, nm)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help="language models: " + DEVICE_HELP),
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    format: str = FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    bos: str = BOS,
+    device: str = DEVICE,
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-...)"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Train a model sparse from scratch with dynamic sparse training (SET, RigL, SNFS): an image classifier, or
     any supported language model (its attention and FFN projections).
@@ -518,25 +545,32 @@ def dst(
     """
     from .dst.backbones import BACKBONES
 
-    out_dir = out_dir or _run_directory(model, f"dst-{method}-{density:g}")
     if model in BACKBONES:
         from .dst.api import train_sparse
         from .dst.train import SparseTrainConfig
 
+        density = SparseTrainConfig.density if density is None else density
+        out_dir = out_dir or _run_directory(model, f"dst-{method}-{density:g}")
         config = SparseTrainConfig(method=method, density=density, init=init, backbone=model, epochs=epochs,
-                                   batch=batch, lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
+                                   batch=batch_size, lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
                                    stop_fraction=stop_fraction, seed=seed)
-        result = train_sparse(config, out_dir, data or "fashion-mnist", overwrite)
+        result = train_sparse(config, out_dir, train_data or "fashion-mnist", overwrite)
         out.print(f"{method} at density {result['density']:.3f}: test accuracy {100 * result['accuracy']:.2f}% "
                   f"after {result['steps']} steps ({result['updates']} topology updates, {result['seconds']:.0f} s)",
                   highlight=False)
         _log(f"written to {out_dir}")
     else:
+        from .dst.stage import DstStage
+
+        density = DstStage.model_fields["density"].default if density is None else density
+        out_dir = out_dir or _run_directory(model, f"dst-{method}-{density:g}")
         stage = {"dst": {"method": method, "density": density, "init": init, "from_scratch": from_scratch,
-                         "steps": steps, "lr": lr, "batch": min(batch, 8), "seqlen": seqlen, "delta_t": delta_t,
+                         "steps": steps, "lr": lr, "batch": min(batch_size, 8), "seqlen": seqlen, "delta_t": delta_t,
                          "drop_fraction": drop_fraction, "stop_fraction": stop_fraction}}
-        _structural_run(model, stage, {"calibration": data or "default", "seed": seed, "bos": bos}, True, eval_windows, False,
-                        out_dir, None, device, overwrite, False, export_format=format)
+        _run_stages(model, [stage], {"calibration": train_data or "default", "seed": seed, "bos": bos,
+                                     "evaluation": eval_data, "eval_windows": eval_windows},
+                    out_dir, ppl=True, speed=False, export_format=format, export_dtype=export_dtype, device=device,
+                    overwrite=overwrite, restart=restart)
 
 
 @app.command()
@@ -551,7 +585,7 @@ def search(
     method: str = typer.Option("wanda", help="one-shot method of every variant: magnitude, wanda, sparsegpt"),
     pattern: str = typer.Option("unstructured", help="unstructured, or an N:M family such as nm:8 (levels pick N)"),
     levels: str = typer.Option("0.3:0.9:0.05", help="per-block sparsity levels: lo:hi:step or a,b,c"),
-    windows: int = typer.Option(8, help="calibration windows scored by the KL objective"),
+    search_windows: int = typer.Option(8, help="calibration windows scored by the KL objective"),
     search_seqlen: int = typer.Option(128, help="their length in tokens"),
     population: int = typer.Option(16, help="NSGA-II population (also each group's, with decompose)"),
     generations: int = typer.Option(12, help="generations (NSGA-II, EvoPress)"),
@@ -566,17 +600,21 @@ def search(
                                                        "$SPARSEFORGE_CACHE/search)"),
     cache_budget: float = typer.Option(4.0, help="disk budget of the variant cache in GB (least recently used "
                                                  "variants are evicted beyond it)"),
-    calibration: str = typer.Option("default", help="calibration text: default, wikitext2, c4, or a .txt/.jsonl"),
-    nsamples: int = typer.Option(32, help="calibration windows for the variants' statistics"),
+    calibration: str = CALIBRATION,
+    nsamples: int = typer.Option(CALIBRATION_WINDOWS, help="calibration windows for the variants' statistics"),
     seqlen: int = typer.Option(512, help="their length (and the evaluation window length)"),
     seed: int = typer.Option(0, help="seed of the windows and the search"),
-    eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many perplexity windows (0: all)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="measure perplexity before and after"),
-    format: str = typer.Option("auto", help="export format (auto, dense, bitmask, nm)"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    eval_data: str = EVAL_DATA,
+    eval_windows: int = EVAL_WINDOWS,
+    ppl: bool = PPL,
+    speed: bool = SPEED,
+    format: str = FORMAT,
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    bos: str = BOS,
+    device: str = DEVICE,
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-search-...)"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Search per-block sparsity levels for the best quality at each size, and export the model at one point.
 
@@ -587,16 +625,18 @@ def search(
     --pick, or after an interruption) replays instead of recomputing.
     """
     stage = {"search": {"algorithm": algorithm, "pick": pick, "target": target, "method": method,
-                        "pattern": pattern, "levels": levels, "windows": windows, "seqlen": search_seqlen,
+                        "pattern": pattern, "levels": levels, "windows": search_windows, "seqlen": search_seqlen,
                         "population": population, "generations": generations, "groups": groups,
                         "group_generations": generations, "gpir_points": gpir_points, "offspring": offspring,
                         "workers": workers, "ray_address": ray_address, "ray_timeout": ray_timeout,
                         "cache_dir": cache_dir, "cache_budget_gb": cache_budget}}
     chosen = pick if pick is not None else target
     out_dir = out_dir or _run_directory(model, f"search-{algorithm}" + (f"-{chosen:g}" if chosen is not None else ""))
-    _structural_run(model, stage, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "bos": bos},
-                    ppl, eval_windows, False, out_dir, None, device, overwrite, False, export_format=format)
-    report = json.loads((Path(out_dir) / "report.json").read_text())
+    report = _run_stages(model, [stage], {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen,
+                                          "seed": seed, "bos": bos, "evaluation": eval_data,
+                                          "eval_windows": eval_windows},
+                         out_dir, ppl=ppl, speed=speed, export_format=format, export_dtype=export_dtype,
+                         device=device, overwrite=overwrite, restart=restart)
     found = next(s for s in report["stages"] if s.get("stage") == "search")
     table = Table(title=f"{found['algorithm']} front: KL to dense vs average sparsity")
     for column in ("average sparsity", "KL to dense", "uniform at that sparsity"):
@@ -621,9 +661,9 @@ def eval_command(
                                            "for 'retained' columns, QA agreement and speed ratios"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity under the pinned protocol"),
     speed: bool = typer.Option(False, "--speed", help="prefill and decode tokens/s (median of repeats)"),
-    data: str = typer.Option("default", help="evaluation text: default, wikitext2, c4, or a .txt/.jsonl file"),
+    eval_data: str = EVAL_DATA,
     seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
-    windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="at most this many windows (0: all)"),
+    eval_windows: int = EVAL_WINDOWS,
     batch_size: int = typer.Option(1, help="batch size for the speed measurement"),
     prompt_tokens: int = typer.Option(128, help="prompt length for the speed measurement"),
     new_tokens: int = typer.Option(32, help="decoded tokens for the speed measurement"),
@@ -631,10 +671,10 @@ def eval_command(
     threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement (default: all)"),
     dtype: Optional[str] = typer.Option(None, help="compute dtype: float32, float16, bfloat16 (default: the model's)"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="write report.json and report.md into this directory"),
-    overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out directory"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
-    bos: str = typer.Option("auto", help=BOS_HELP),
-    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    bos: str = BOS,
+    device: str = DEVICE,
 ) -> None:
     """Evaluate a model: perplexity, sparsity, zero-shot tasks, knowledge QA and speed, optionally next to a baseline."""
     from .atomic import atomic_write_text, check_output_directory, check_output_file
@@ -642,7 +682,7 @@ def eval_command(
     from .evaluation.tasks import QA_TASKS, ZERO_SHOT_TASKS, parse_task_names
     from .models.loading import load_model
 
-    settings = EvalSettings(perplexity=ppl, data=data, seqlen=seqlen, windows=windows or None, limit=limit,
+    settings = EvalSettings(perplexity=ppl, data=eval_data, seqlen=seqlen, windows=eval_windows or None, limit=limit,
                             tasks=parse_task_names(tasks, ZERO_SHOT_TASKS) if tasks else [],
                             qa=parse_task_names(qa, QA_TASKS) if qa else [], qa_prompt=qa_prompt, speed=speed,
                             speed_batch_size=batch_size, speed_prompt_tokens=prompt_tokens, speed_new_tokens=new_tokens,
@@ -740,8 +780,8 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML: model, data, stages, evaluate, export"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<recipe name>)"),
-    overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-    restart: bool = typer.Option(False, help="discard checkpoints of an interrupted run instead of resuming"),
+    overwrite: bool = OVERWRITE,
+    restart: bool = RESTART,
 ) -> None:
     """Run a recipe and write a run directory (model/, report.json, report.md, plots).
 
@@ -800,6 +840,43 @@ def _usage_message(exc) -> str:
     return f"{exc.format_message()} (see '{command} --help')"
 
 
+# Option spellings of the previous release, accepted for one more with a warning (docs/cli.md), per command.
+_TRAIN_RENAMES = {"--data": "--train-data", "--batch": "--batch-size"}
+DEPRECATED = {
+    "prune": {"--data": "--eval-data", "--dtype": "--export-dtype"},
+    "eval": {"--data": "--eval-data", "--windows": "--eval-windows"},
+    "retrain": _TRAIN_RENAMES,
+    "factorize": {**_TRAIN_RENAMES, "--train-seqlen": "--seqlen"},
+    "dst": _TRAIN_RENAMES,
+    "continual": _TRAIN_RENAMES,
+    "shrink": {"--dtype": "--export-dtype"},
+    "finercut": {"--dtype": "--export-dtype", "--calib-seqlen": "--seqlen"},
+    "search": {"--windows": "--search-windows"},
+}
+
+
+def modernise(args: list[str]) -> list[str]:
+    """``args`` with deprecated option spellings replaced by today's, warning once for each on stderr.
+
+    finercut's ``--seqlen`` used to be the evaluation window; a command line that still uses ``--calib-seqlen``
+    was written for that meaning, so there its ``--seqlen`` becomes ``--eval-seqlen``.
+    """
+    command = next((a for a in args if not a.startswith("-")), None)
+    renames = dict(DEPRECATED.get(command, {}))
+    names = {a.partition("=")[0] for a in args}
+    if command == "finercut" and "--calib-seqlen" in names:
+        renames["--seqlen"] = "--eval-seqlen"
+    result = []
+    for arg in args:
+        name, equals, value = arg.partition("=")
+        if name in renames:
+            console.print(f"warning: {name} is deprecated; use {renames[name]}", soft_wrap=True, highlight=False,
+                          markup=False)
+            arg = renames[name] + equals + value
+        result.append(arg)
+    return result
+
+
 def main() -> None:
     """Entry point: every way a command can end maps to one exit code and, on failure, one line on stderr.
 
@@ -812,7 +889,7 @@ def main() -> None:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     install_handlers()
     try:
-        code = app(standalone_mode=False)
+        code = app(args=modernise(sys.argv[1:]), standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except click_exit as exc:
         sys.exit(exc.exit_code)

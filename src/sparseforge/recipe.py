@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from .data.windows import BOS_POLICIES, DEFAULT_EVAL_WINDOWS
+from .data.windows import BOS_POLICIES, CALIBRATION_WINDOWS, DEFAULT_EVAL_WINDOWS
 from .dtypes import DTYPES
 from .errors import RecipeError, SparseforgeError
 from .evaluation.qa import DEFAULT_PROMPT, PROMPT_FORMATS
@@ -26,7 +26,7 @@ class DataConfig(StrictSettings):
     calibration: str = "default"
     evaluation: str = "default"
     seqlen: int = Field(512, ge=2, description="calibration window length (tokens)")
-    nsamples: int = Field(64, ge=1, description="number of calibration windows")
+    nsamples: int = Field(CALIBRATION_WINDOWS, ge=1, description="number of calibration windows")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the calibration windows (and of training order)")
     bos: Literal[BOS_POLICIES] = Field("auto", description="BOS first in every window: auto (as the tokenizer "  # type: ignore[valid-type]
                                        "does), always, never")

@@ -22,6 +22,7 @@ JOINER = "\n\n"
 # a standard error of the perplexity well under 1%; every window of a long text (148 with Gemma's tokenizer on the
 # default text) takes ten minutes and more. 0 (or None in the API) means every window.
 DEFAULT_EVAL_WINDOWS = 24
+CALIBRATION_WINDOWS = 64  # calibration windows of every calibrated stage unless it says otherwise
 BOS_POLICIES = ("auto", "always", "never")
 
 

@@ -21,6 +21,7 @@ from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
 from ..sparsity.allocation import get_allocation
 from ..sparsity.patterns import NM, Pattern, parse_pattern, resolve_sparsity
+from ..data.windows import CALIBRATION_WINDOWS
 from . import hooks
 from .methods import Method, get_method
 from .sequential import SequentialPlan, prune_data_free, prune_sequential
@@ -97,7 +98,7 @@ def prune(
     allocation: str = "uniform",
     refine: str | None = None,
     calibration: str | torch.Tensor = "default",
-    nsamples: int = 64,
+    nsamples: int = CALIBRATION_WINDOWS,
     seqlen: int = 512,
     seed: int = 0,
     batch_size: int = 8,

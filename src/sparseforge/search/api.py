@@ -26,6 +26,7 @@ from ..errors import SearchError
 from ..models.handle import LoadedModel
 from ..prune.methods import get_method
 from ..calibration.data import calibration_data
+from ..data.windows import CALIBRATION_WINDOWS
 from .bank import level_pattern, unit_sizes
 from .decompose import decompose
 from .evopress import evopress
@@ -128,7 +129,7 @@ def _fidelities(config: SearchConfig) -> dict[str, int]:
 
 
 def prepare(handle: LoadedModel, config: SearchConfig, calibration: str | torch.Tensor = "default",
-            nsamples: int = 32, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
+            nsamples: int = CALIBRATION_WINDOWS, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
             progress: bool = True) -> tuple[SearchSpace, MeterSpec, QualityMeter]:
     """Check the settings, draw the windows, and build (or reuse) the variant bank and this process's meter."""
     check_unpruned(handle)
@@ -155,7 +156,7 @@ def prepare(handle: LoadedModel, config: SearchConfig, calibration: str | torch.
 
 
 def run_search(handle: LoadedModel, config: SearchConfig, calibration: str | torch.Tensor = "default",
-               nsamples: int = 32, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
+               nsamples: int = CALIBRATION_WINDOWS, seqlen: int = 512, seed: int = 0, log: Callable[[str], None] = print,
                progress: bool = True) -> tuple[dict, MeterSpec, QualityMeter]:
     """Search; returns (result, spec, meter) where the meter's bank can commit any allocation to ``handle``."""
     started = time.perf_counter()
@@ -239,7 +240,7 @@ def run_search(handle: LoadedModel, config: SearchConfig, calibration: str | tor
 
 
 def search(handle: LoadedModel, config: SearchConfig | dict | None = None, pick: float | None = None,
-           calibration: str | torch.Tensor = "default", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
+           calibration: str | torch.Tensor = "default", nsamples: int = CALIBRATION_WINDOWS, seqlen: int = 512, seed: int = 0,
            log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Search per-block sparsity for ``handle`` and prune it at the front point picked (``pick``, default: the
     target). Returns the search result (also appended to ``handle.history``)."""

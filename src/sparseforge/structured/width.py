@@ -27,6 +27,7 @@ from ..models.handle import LoadedModel
 from ..models.structure import describe_blocks, record_structure
 from ..models.surgery import add_to_bias, attention_heads, ffn_width, keep_ffn_neurons, keep_heads
 from ..calibration.data import calibration_data
+from ..data.windows import CALIBRATION_WINDOWS
 from .importance import SCORES, channel_scores, collect_statistics
 from .preconditions import check_shrinkable, original_shape
 
@@ -129,7 +130,7 @@ def _compensate(view, removed: torch.Tensor, mean: torch.Tensor) -> None:
 
 def shrink(handle: LoadedModel, ffn: float | list[float] = 0.0, heads: float | list[float] = 0.0,
            score: str = "fluctuation", round_to: int = 1, head_unit: str = "auto", compensate: bool = False,
-           calibration: str | torch.Tensor = "default", nsamples: int = 32, seqlen: int = 512, seed: int = 0,
+           calibration: str | torch.Tensor = "default", nsamples: int = CALIBRATION_WINDOWS, seqlen: int = 512, seed: int = 0,
            batch_size: int = 8, progress: bool = True) -> LoadedModel:
     """Remove the least important FFN neurons and attention heads of every block, in place.
 
