@@ -7,29 +7,10 @@ import sys
 import pytest
 import torch
 
-from sparseforge.cli import main
 from sparseforge.export.saving import save_model
 from sparseforge.models.loading import load_model
 
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["sparseforge", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_clean_failure(code, err, pattern):
-    assert code == 2
-    assert "Traceback" not in err
-    # progress lines ("› step", progress bars) may come first; the failure itself is exactly one line
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("›") and "%|" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert pattern in lines[0], lines[0]
+from helpers import assert_clean_failure, run_cli
 
 
 def test_help_reads_well(capsys, monkeypatch):

@@ -10,7 +10,7 @@ import typer
 from sparseforge import cli
 from sparseforge.recipe import DataConfig, parse_recipe
 from sparseforge.stages import stage_specs
-from test_cli import run_cli
+from helpers import run_cli
 
 DOC = Path(__file__).parents[1] / "docs" / "cli.md"
 # commands that run recipe stages: they export a model, checkpoint, and evaluate before and after

@@ -16,7 +16,7 @@ import pytest
 from sparseforge.atomic import MARKER, output_lock
 from sparseforge.export.saving import FORMAT_FILE, save_model
 from sparseforge.models.loading import load_model
-from test_cli import assert_clean_failure, run_cli
+from helpers import assert_clean_failure, run_cli
 
 USAGE = {
     "not a number": ["prune", "tiny-llama", "--sparsity", "abc"],

@@ -305,7 +305,7 @@ def test_evaluation_runs_with_the_policy_active():
 
 
 def test_cli_calibrate_then_generate(capsys, monkeypatch, tmp_path):
-    from test_cli import assert_clean_failure, run_cli
+    from helpers import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, "skip", "calibrate", "tiny-llama", "--target", "0.2", "--cold-start",
                            "0", "--cold-end", "0", "--nsamples", "2", "--prompt-tokens", "8", "--new-tokens", "8",
@@ -330,7 +330,7 @@ def test_cli_calibrate_then_generate(capsys, monkeypatch, tmp_path):
     (["skip", "calibrate", "tiny-llama", "--target", "0.6", "--cold-start", "0", "--cold-end", "0"], "at most 0.500"),
 ])
 def test_cli_refuses_impossible_skip_requests_before_any_work(capsys, monkeypatch, tmp_path, args, message):
-    from test_cli import assert_clean_failure, run_cli
+    from helpers import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, *args, "--eval-windows", "2", "--out", tmp_path / "x")
     assert_clean_failure(code, err, message)

@@ -210,7 +210,7 @@ def test_cost_counts_k_of_n_experts_plus_the_router(tiny_llama):
 
 
 def test_cli_factorize_then_generate_and_eval(capsys, monkeypatch, tmp_path):
-    from test_cli import assert_clean_failure, run_cli
+    from helpers import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, "factorize", "tiny-llama", "--experts", "4", "--topk", "1",
                            "--partition", "kmeans", "--router-steps", "2", "--expert-steps", "1", "--batch-size", "2",
@@ -236,7 +236,7 @@ def test_cli_factorize_then_generate_and_eval(capsys, monkeypatch, tmp_path):
     (["--partition", "spectral"], "partition"),
 ])
 def test_cli_refuses_bad_requests_before_any_work(capsys, monkeypatch, tmp_path, args, message):
-    from test_cli import assert_clean_failure, run_cli
+    from helpers import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, "factorize", "tiny-llama", *args, "--eval-windows", "2",
                            "--out", tmp_path / "x")

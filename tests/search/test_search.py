@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cli import assert_clean_failure, run_cli
+from helpers import assert_clean_failure, run_cli
 
 from sparseforge.errors import SearchError
 from sparseforge.models.loading import load_model

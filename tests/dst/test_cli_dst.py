@@ -6,8 +6,8 @@ import json
 
 import pytest
 from safetensors.torch import load_file
-from test_cli import assert_clean_failure, run_cli
-from test_continual import synthetic_dataset
+from helpers import assert_clean_failure, run_cli
+from helpers import synthetic_dataset
 
 from sparseforge.data import images
 from sparseforge.dst import grid

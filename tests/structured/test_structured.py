@@ -316,7 +316,7 @@ def test_perp_recovers_a_shrunk_model_but_a_dense_one_is_refused(tiny_llama):
 
 
 def test_cli_shrink_and_finercut_end_to_end(capsys, monkeypatch, tmp_path):
-    from test_cli import run_cli
+    from helpers import run_cli
 
     code, out, err = run_cli(capsys, monkeypatch, "shrink", "tiny-llama", "--ffn", "0.25", "--heads", "0.5",
                              "--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--out", tmp_path / "s")
@@ -345,7 +345,7 @@ def test_cli_shrink_and_finercut_end_to_end(capsys, monkeypatch, tmp_path):
     (["finercut", "tiny-llama", "--distance", "cos"], "distance"),
 ])
 def test_cli_refuses_bad_structural_requests(capsys, monkeypatch, tmp_path, args, message):
-    from test_cli import assert_clean_failure, run_cli
+    from helpers import assert_clean_failure, run_cli
 
     code, _, err = run_cli(capsys, monkeypatch, *args, "--nsamples", "4", "--out", tmp_path / "x")
     assert_clean_failure(code, err, message)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from sparseforge.data.images import ImageDataset
 from sparseforge.dst.benchmarks import augment_batch, split_benchmark, split_classes
 from sparseforge.dst.continual import ContinualConfig, run_continual
 from sparseforge.dst.grid import grid_configs, read_results, run_grid, summarise
@@ -17,19 +16,7 @@ from sparseforge.dst.metrics import continual_metrics
 from sparseforge.dst.subnetworks import TaskSubnetworks
 from sparseforge.errors import SparseTrainingError
 
-
-def synthetic_dataset(classes: int = 4, per_class: int = 48, seed: int = 0) -> ImageDataset:
-    """Class-dependent blobs on 6x6 grey images: learnable in a few steps."""
-    generator = torch.Generator().manual_seed(seed)
-    centres = torch.rand(classes, 6, 6, 1, generator=generator) * 255
-
-    def draw(n):
-        labels = torch.arange(classes).repeat_interleave(n)
-        noise = torch.randn(len(labels), 6, 6, 1, generator=generator) * 40
-        return (centres[labels] + noise).clamp(0, 255).to(torch.uint8), labels
-
-    train, test = draw(per_class), draw(per_class // 2)
-    return ImageDataset("synthetic", *train, *test, tuple(f"c{i}" for i in range(classes)), "test")
+from helpers import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
