@@ -41,7 +41,7 @@ _LAZY = {
     "continual": (".dst", "continual"), "sparse_train_lm": (".dst", "sparse_train_lm"),
     "train_sparse": (".dst", "train_sparse"), "SparseforgeError": (".errors", "SparseforgeError"),
     "save_model": (".export.saving", "save_model"), "LoadedModel": (".models.handle", "LoadedModel"),
-    "load_model": (".models.loading", "load_model"), "factorize": (".moe", "factorize_model"),
+    "factorize": (".moe", "factorize_model"), "install_runtime": (".runtime", "install_runtime"),
     "prune": (".prune.pruner", "prune"), "Recipe": (".recipe", "Recipe"), "load_recipe": (".recipe", "load_recipe"),
     "parse_recipe": (".recipe", "parse_recipe"), "retrain": (".retrain.recovery", "retrain"),
     "SearchConfig": (".search", "SearchConfig"), "run_search": (".search", "run_search"),
@@ -72,6 +72,20 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(module, __name__), attribute)
     globals()[name] = value
     return value
+
+
+def load_model(source: str = "default", *args, runtime: str | None = None, **kwargs) -> "LoadedModel":
+    """Load a model (see :func:`sparseforge.models.loading.load_model` for ``source`` and the options) and, with
+    ``runtime`` ("sparse", "dense" or "auto"), put it in the CPU sparse-weight runtime for inference
+    (:func:`sparseforge.runtime.install_runtime`)."""
+    from .models.loading import load_model as load
+
+    handle = load(source, *args, **kwargs)
+    if runtime is not None:
+        from .runtime import install_runtime
+
+        install_runtime(handle, runtime)
+    return handle
 
 
 def evaluate(model: "LoadedModel", perplexity: bool = True, speed: bool = False, data: str = "default",
@@ -115,5 +129,5 @@ __all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Re
            "SparseTrainConfig", "run_search", "search",
            "SparseforgeError", "calibrate_skip", "continual", "evaluate", "factorize", "finercut", "generate",
            "sparse_train_lm", "train_sparse",
-           "load_model", "load_recipe",
+           "install_runtime", "load_model", "load_recipe",
            "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

@@ -53,6 +53,8 @@ CALIBRATION = typer.Option("default", help="calibration text: " + TEXT)
 TRAIN_DATA = typer.Option("default", help="training text (its training side): " + TEXT)
 NSAMPLES = typer.Option(CALIBRATION_WINDOWS, help="number of calibration windows")
 EXPORT_DTYPE = typer.Option(None, help="export dtype: float32, float16, bfloat16 (default: the model's)")
+RUNTIME = typer.Option(None, help="run in the CPU sparse-weight runtime: sparse (pruned linears compressed), dense "
+                                   "(the runtime's fp16 kernel), auto (per layer, whichever is faster here)")
 FORMAT = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm")
 DENSE_FORMAT = typer.Option("dense", help="export format: dense (default: a shrunk model has no zeros to skip), "
                                           "auto, bitmask or nm")
@@ -207,6 +209,17 @@ def retrain(
                 out_dir or _run_directory(model, method), ppl=ppl, speed=speed, export_format=format,
                 export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart,
                 masks_from_zeros=masks_from_zeros)
+
+
+def _install_runtime(handle, runtime: Optional[str]):
+    """The sparse runtime on a loaded model, when asked for, said in one line."""
+    if runtime is None:
+        return None
+    from .runtime import install_runtime
+
+    installed = install_runtime(handle, runtime, log=_log)
+    _log(installed.describe())
+    return installed
 
 
 def _ratios(text: str, what: str) -> float | list[float]:
@@ -424,6 +437,7 @@ def generate(
     policy: Optional[Path] = typer.Option(None, help="a skip_policy.json (or a directory holding one) to apply"),
     no_skip: bool = typer.Option(False, "--no-skip", help="ignore the saved skip policy: the full model"),
     device: str = DEVICE,
+    runtime: Optional[str] = RUNTIME,
 ) -> None:
     """Generate text with the KV cache, skipping FFN blocks as the model's skip policy decides (or running only the
     routed experts of a factorized model)."""
@@ -435,6 +449,7 @@ def generate(
 
     check_sampling(max_new_tokens, sample, temperature, top_p, seed)
     handle = load_model(model, device=device)
+    _install_runtime(handle, runtime)
     if no_skip:
         uninstall_policy(handle)
     elif policy is not None:
@@ -675,6 +690,7 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
     bos: str = BOS,
     device: str = DEVICE,
+    runtime: Optional[str] = RUNTIME,
 ) -> None:
     """Evaluate a model: perplexity, sparsity, zero-shot tasks, knowledge QA and speed, optionally next to a baseline."""
     from .atomic import atomic_write_text, check_output_directory, check_output_file
@@ -692,8 +708,11 @@ def eval_command(
     if json_out:
         check_output_file(json_out)
     handle = load_model(model, dtype=dtype, device=device)
+    in_runtime = _install_runtime(handle, runtime)
     reference = load_model(baseline, dtype=dtype, device=device) if baseline else None
     report = evaluate_session(handle, settings, reference)
+    if in_runtime is not None:
+        report["runtime"] = in_runtime.summary()
     _print_eval(report)
     if out_dir:
         write_eval_report(report, out_dir, overwrite=overwrite)

@@ -123,8 +123,30 @@ def _compare(models, batch_size, prompt_len, new_tokens, repeats, seed, prompt_i
         decode = statistics.median(t["decode"])
         results[name] = {"prefill_tokens_per_s": batch_size * prompt_len / prefill,
                          "decode_tokens_per_s": batch_size * new_tokens / decode,
-                         "prefill_s": prefill, "decode_s": decode}
+                         "prefill_s": prefill, "decode_s": decode,
+                         "weight_bytes_per_token": weight_bytes_per_token(models[name])}
+    first_bytes = results[next(iter(results))]["weight_bytes_per_token"]
+    for result in results.values():  # what the bytes alone would allow, against the first model
+        result["bytes_bound_speedup_vs_first"] = first_bytes / result["weight_bytes_per_token"]
     return {"setup": _setup(first, batch_size, prompt_len, new_tokens, repeats), "results": results}
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: what bounds batch-1 decoding. Modules that hold their weight in a
+    layout of their own say so (``read_bytes``); embeddings read one row per token; everything else reads all of
+    its parameters. Tied tensors count once."""
+    total, seen = 0, set()
+    for module in model.modules():
+        if hasattr(module, "read_bytes"):
+            total += module.read_bytes
+            continue
+        for param in module.parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding):  # one row; a tied LM head still reads all of it
+                total += param[0].numel() * param.element_size()
+            elif param.data_ptr() not in seen:
+                seen.add(param.data_ptr())
+                total += param.numel() * param.element_size()
+    return total
 
 
 def compare_with_settings(models: dict[str, torch.nn.Module], settings, skip=None) -> dict:

@@ -41,6 +41,11 @@ def parameter_counts(handle: LoadedModel) -> dict:
         seen.add(param.data_ptr())
         total += param.numel()
         nonzero += int(torch.count_nonzero(param.detach()))
+    for module in handle.model.modules():  # weights held outside parameters (a runtime's packed layouts)
+        if hasattr(module, "weight_counts"):
+            held_total, held_nonzero = module.weight_counts()
+            total += held_total
+            nonzero += held_nonzero
     return {"total": total, "nonzero": nonzero, "sparsity": 1 - nonzero / total}
 
 

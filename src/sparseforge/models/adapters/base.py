@@ -49,7 +49,8 @@ class LinearView:
         self.role = role
         self.block = block
         self.module = module
-        self.transposed = not isinstance(module, nn.Linear)
+        # [in, out] storage (GPT-2's Conv1D) unless the module is a Linear or says it stores [out, in]
+        self.transposed = not (isinstance(module, nn.Linear) or getattr(module, "weight_is_out_in", False))
 
     @property
     def weight(self) -> torch.Tensor:

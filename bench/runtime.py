@@ -1,0 +1,106 @@
+"""End-to-end decoding in the sparse runtime: the default model dense and pruned, one process, alternating.
+
+    .venv/bin/python bench/runtime.py [--threads 2] [--prompt 128] [--new-tokens 64] [--repeats 3]
+
+Variants, all measured by :func:`sparseforge.evaluation.speed.compare_speed` in one call (alternating, median of
+repeats, greedy, KV cache, batch 1):
+
+* ``torch fp32``: the dense model as users run it today (PyTorch, float32);
+* ``runtime dense fp16``: the same dense model in the runtime's own dense fp16 kernel (isolates precision);
+* ``runtime sparse``: the model magnitude-pruned at 50%, 70% and 2:4, every block linear in the sparse layout
+  (bitmask or N:M). Speed depends on the bytes of the layout, not on how the mask was found, so magnitude pruning
+  stands in for SparseGPT here (quality is measured elsewhere).
+
+Next to tokens/s: weight bytes read per decoded token and the ideal speed-up they imply against runtime dense,
+and the per-token time not explained by streaming weights at the measured copy bandwidth ("overhead").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import sparseforge as sf
+from sparseforge.evaluation.speed import compare_speed, weight_bytes_per_token
+from sparseforge.kernels import isa_info
+from sparseforge.models.loading import load_model
+from sparseforge.runtime import install_runtime
+
+from _common import markdown_table, print_setup
+
+
+def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:
+    """GB/s of a large float32 copy (read + write bytes): the machine's practical memory limit."""
+    source = torch.ones(mib * 2**20 // 4)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.numel() * 4 / sorted(times)[repeats // 2] / 1e9
+
+
+def pruned(model: str, amount: str):
+    handle = load_model(model)
+    if ":" in amount:
+        sf.prune(handle, method="magnitude", pattern=amount, progress=False)
+    else:
+        sf.prune(handle, method="magnitude", sparsity=float(amount), progress=False)
+    return handle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--amounts", nargs="+", default=["0.5", "0.7", "2:4"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "runtime.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    setup = print_setup(bench="runtime", model=args.model, amounts=args.amounts, threads=args.threads,
+                        prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats, batch=1,
+                        pruning="magnitude (bytes, not quality)", kernels=isa_info())
+    bandwidth = copy_bandwidth()
+    print(f"memory copy bandwidth: {bandwidth:.1f} GB/s")
+    models = {"torch fp32": load_model(args.model).model}
+    dense = load_model(args.model)
+    install_runtime(dense, "dense")
+    models["runtime dense fp16"] = dense.model
+    for amount in args.amounts:
+        handle = pruned(args.model, amount)
+        runtime = install_runtime(handle, "sparse")
+        models[f"runtime sparse {amount}"] = handle.model
+        print(f"{amount}: layouts {runtime.summary()['layouts']}")
+    measured = compare_speed(models, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,
+                             threads=args.threads)
+    results = measured["results"]
+    base = results["runtime dense fp16"]
+    fp32 = results["torch fp32"]
+    base_bytes = weight_bytes_per_token(models["runtime dense fp16"])
+    rows = []
+    for name, model in models.items():
+        r = results[name]
+        read = weight_bytes_per_token(model)
+        per_token = r["decode_s"] / args.new_tokens
+        streaming = read / (bandwidth * 1e9)
+        rows.append([name, f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f}x",
+                     f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{read / 2**20:.0f}",
+                     f"{base_bytes / read:.2f}x", f"{per_token * 1e3:.1f}", f"{(per_token - streaming) * 1e3:.1f}",
+                     f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x"])
+    table = markdown_table(["variant", "decode tok/s", "vs torch fp32", "vs runtime dense", "MiB read / token",
+                            "bytes bound vs runtime dense", "ms / token", "overhead ms / token",
+                            "prefill tok/s", "prefill vs runtime dense"], rows)
+    print(table)
+    Path(args.out).write_text(f"# bench/runtime.py\nsetup: {setup}\nmemory copy bandwidth: {bandwidth:.1f} GB/s\n\n"
+                              f"{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Put a loaded model in the sparse runtime: every pruned linear becomes a :class:`~.linear.SparseLinear`.
+
+``mode``:
+
+* ``sparse``: every block linear with a recorded mask is held compressed: N:M layout when its mask is exactly N of
+  every M (M in 4, 8, 16), the bitmask layout otherwise. Refused when the model has no masks.
+* ``dense``: every block linear is held in the same runtime's dense fp16/bf16 layout: the baseline that isolates
+  what sparsity gains from what the precision change gains.
+* ``auto``: per layer, whichever of the two is faster at batch 1 on this machine, timed once per (shape, layout,
+  density, threads) with the cache flushed before every call, since decoding streams weights from memory. A model
+  without masks falls back to dense, saying so.
+
+The LM head runs in the runtime's dense kernel too; the embeddings stay as they are (a decode step reads one row).
+The runtime is an attachment of kind ``runtime``; it is for inference and refuses to be saved (export the model
+before putting it in the runtime).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import SparseforgeError
+from ..evaluation.speed import weight_bytes_per_token
+from ..kernels import PackedWeight, matmul, pack_bitmask, pack_dense, pack_nm
+from ..kernels.layouts import NM_GROUP_SIZES
+from ..models.adapters.base import set_path
+from ..models.handle import LoadedModel
+from .linear import SparseLinear
+
+RUNTIMES = ("sparse", "dense", "auto")
+
+
+class RuntimeRequestError(SparseforgeError):
+    """A runtime request that cannot be honoured (unknown name, no masks for ``sparse``, an incompatible
+    attachment)."""
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    shape: tuple[int, int]
+    density: float
+    layout: str
+    sparse_us: float | None = None  # batch-1 timings behind an ``auto`` choice
+    dense_us: float | None = None
+
+
+def nm_of(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(n, m) when every group of m consecutive inputs of every row keeps exactly n (n < m), else None."""
+    out, in_features = mask.shape
+    for m in sorted(NM_GROUP_SIZES):
+        if in_features % m:
+            continue
+        kept = mask.reshape(out, in_features // m, m).sum(-1)
+        n = int(kept[0, 0])
+        if n < m and bool((kept == n).all()):
+            return n, m
+    return None
+
+
+def pack_sparse(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> tuple[PackedWeight, str]:
+    nm = nm_of(mask)
+    if nm is not None:
+        return pack_nm(weight, mask, nm[0], nm[1], dtype), "nm"
+    return pack_bitmask(weight, mask, dtype), "bitmask"
+
+
+class _Timer:
+    """Batch-1 time of a packed weight with the last-level cache flushed first: how decoding sees it."""
+
+    def __init__(self, repeats: int = 9, flush_mib: int = 64):
+        self.repeats = repeats
+        self.scratch = torch.ones(flush_mib * 2**20 // 4)
+        self.memo: dict[tuple, tuple[float, float]] = {}
+
+    def _once(self, x: torch.Tensor, packed: PackedWeight) -> float:
+        self.scratch.add_(1.0)  # evicts the weight from the caches
+        start = time.perf_counter()
+        matmul(x, packed)
+        return time.perf_counter() - start
+
+    def compare(self, key: tuple, sparse: PackedWeight, dense: PackedWeight) -> tuple[float, float]:
+        if key not in self.memo:
+            x = torch.randn(1, sparse.shape[1])
+            matmul(x, sparse), matmul(x, dense)  # warm-up (and the native build)
+            pairs = [(self._once(x, sparse), self._once(x, dense)) for _ in range(self.repeats)]
+            self.memo[key] = (statistics.median(p[0] for p in pairs) * 1e6, statistics.median(p[1] for p in pairs) * 1e6)
+        return self.memo[key]
+
+
+def _module_path(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def _value_dtype(handle: LoadedModel) -> torch.dtype:
+    return torch.bfloat16 if handle.dtype == torch.bfloat16 else torch.float16
+
+
+class SparseRuntime:
+    """The attachment: which linears were replaced, and how to give the model its ordinary linears back."""
+
+    kind = "runtime"
+    takes_over_ffn = False
+
+    def __init__(self, handle: LoadedModel, mode: str, layers: list[LayerChoice], paths: dict[str, str]):
+        self.handle, self.mode, self.layers, self.paths = handle, mode, layers, paths
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.layout] = counts.get(layer.layout, 0) + 1
+        return {"mode": self.mode, "layouts": counts, "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
+                "layers": [asdict(layer) for layer in self.layers]}
+
+    def describe(self) -> str:
+        layouts = ", ".join(f"{count} {layout}" for layout, count in self.summary()["layouts"].items())
+        return f"runtime {self.mode}: {layouts} linears, {weight_bytes_per_token(self.handle.model) / 2**20:.1f} MiB of weights read per token"
+
+    def save(self, directory: Path) -> None:
+        raise RuntimeRequestError("a model in the sparse runtime is for inference and is not saved; export it before "
+                            "loading it with a runtime")
+
+    def remove(self) -> None:
+        model = self.handle.model
+        for path in self.paths.values():
+            module = dict(model.named_modules())[path]
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               dtype=self.handle.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.dense_weight())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            set_path(model, path, linear)
+
+
+def install_runtime(handle: LoadedModel, mode: str = "auto", log=print) -> SparseRuntime:
+    """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment."""
+    if mode not in RUNTIMES:
+        raise RuntimeRequestError(f"unknown runtime '{mode}'; available: {', '.join(RUNTIMES)}")
+    if handle.attachment("experts") is not None:
+        raise RuntimeRequestError("the sparse runtime cannot run routed experts (they slice the FFN weights per token); "
+                            "load the factorized model without a runtime")
+    if next(handle.model.parameters()).device.type != "cpu":
+        raise RuntimeRequestError("the sparse runtime runs on the CPU; load the model with --device cpu")
+    masks = handle.masks
+    if mode == "sparse" and not masks:
+        raise RuntimeRequestError("runtime 'sparse' needs a pruned model with recorded masks (this one has none; a dense "
+                            "checkpoint pruned elsewhere: add --masks-from-zeros)")
+    if mode == "auto" and not masks:
+        log("› no pruning masks recorded: the runtime holds every layer dense (fp16)")
+    dtype = _value_dtype(handle)
+    timer = _Timer() if mode == "auto" and masks else None
+    threads = torch.get_num_threads()
+    layers, paths, replacements = [], {}, {}
+    for view in handle.adapter.linears():
+        weight = view.weight.detach().float()
+        mask = masks.get(view.name)
+        dense = pack_dense(weight, dtype)
+        choice = LayerChoice(view.name, tuple(weight.shape), 1.0 if mask is None else mask.float().mean().item(), "dense")
+        packed = dense
+        if mask is not None and mode != "dense":
+            sparse, layout = pack_sparse(weight, mask, dtype)
+            if timer is not None:
+                key = (choice.shape, layout, round(choice.density, 2), threads)
+                choice.sparse_us, choice.dense_us = timer.compare(key, sparse, dense)
+                use_sparse = choice.sparse_us < choice.dense_us
+            else:
+                use_sparse = True
+            if use_sparse:
+                packed, choice.layout = sparse, layout
+        bias = view.bias
+        replacements[view.name] = SparseLinear(packed, None if bias is None else bias.detach(), choice.layout)
+        layers.append(choice)
+        paths[view.name] = _module_path(handle.model, view.module)
+    head = handle.adapter.lm_head()
+    head_path = _module_path(handle.model, head)
+    replacements[head_path] = SparseLinear(pack_dense(head.weight.detach().float(), dtype),
+                                           None if head.bias is None else head.bias.detach(), "dense")
+    layers.append(LayerChoice(head_path, tuple(head.weight.shape), 1.0, "dense"))
+    paths[head_path] = head_path
+    for name, module in replacements.items():
+        set_path(handle.model, paths[name], module)
+    runtime = SparseRuntime(handle, mode, layers, paths)
+    handle.attach(runtime)
+    return runtime
