@@ -1,23 +1,30 @@
 """End-to-end decoding in the sparse runtime: the default model dense and pruned, one process, alternating.
 
     .venv/bin/python bench/runtime.py [--threads 2] [--prompt 128] [--new-tokens 64] [--repeats 3]
+    .venv/bin/python bench/runtime.py --model tinyllama-geometry --new-tokens 32   # 1.1B, random weights
 
 Variants, all measured by :func:`sparseforge.evaluation.speed.compare_speed` in one call (alternating, median of
 repeats, greedy, KV cache, batch 1):
 
 * ``torch fp32``: the dense model as users run it today (PyTorch, float32);
 * ``runtime dense fp16``: the same dense model in the runtime's own dense fp16 kernel (isolates precision);
+``--model tinyllama-geometry`` builds a Llama with TinyLlama-1.1B's geometry (hidden 2048, 22 layers, 32 heads, 4
+KV heads, FFN 5632, vocab 32000, untied head) with random weights in memory: quality is not the point there, bytes
+are.
+
 * ``runtime sparse``: the model magnitude-pruned at 50%, 70% and 2:4, every block linear in the sparse layout
   (bitmask or N:M). Speed depends on the bytes of the layout, not on how the mask was found, so magnitude pruning
   stands in for SparseGPT here (quality is measured elsewhere).
 
 Next to tokens/s: weight bytes read per decoded token and the ideal speed-up they imply against runtime dense,
-and the per-token time not explained by streaming weights at the measured copy bandwidth ("overhead").
+and the per-token time not explained by streaming those bytes at the measured copy bandwidth ("beyond
+streaming": Python and small ops, attention, and the kernels' own shortfall from the copy bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -26,6 +33,7 @@ import torch
 import sparseforge as sf
 from sparseforge.evaluation.speed import compare_speed, weight_bytes_per_token
 from sparseforge.kernels import isa_info
+from sparseforge.models.handle import LoadedModel
 from sparseforge.models.loading import load_model
 from sparseforge.runtime import install_runtime
 
@@ -44,8 +52,46 @@ def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:
     return 2 * source.numel() * 4 / sorted(times)[repeats // 2] / 1e9
 
 
-def pruned(model: str, amount: str):
-    handle = load_model(model)
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights held: parameters and buffers (shared tensors once) plus the runtime's packed layouts."""
+    seen, total = set(), 0
+    for module in model.modules():
+        held = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t is not None]
+        packed = getattr(module, "packed", None)
+        if packed is not None:
+            held += [t for t in vars(packed).values() if isinstance(t, torch.Tensor)]
+        if getattr(module, "values", None) is not None and not getattr(module, "tied", True):
+            held.append(module.values)
+        for tensor in held:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def tinyllama_geometry() -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).eval()
+    return LoadedModel(model, None, source="tinyllama-geometry")
+
+
+def fresh(model: str, cached: dict) -> LoadedModel:
+    """A new handle on the model: loaded (a real model) or a copy of the one built in memory."""
+    if model != "tinyllama-geometry":
+        return load_model(model)
+    if "model" not in cached:
+        cached["model"] = tinyllama_geometry()
+    return copy.deepcopy(cached["model"])
+
+
+def pruned(model: str, amount: str, cached: dict):
+    handle = fresh(model, cached)
     if ":" in amount:
         sf.prune(handle, method="magnitude", pattern=amount, progress=False)
     else:
@@ -61,23 +107,27 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "runtime.md"))
+    parser.add_argument("--out", default=None, help="default: results/runtime-<model>.md")
     args = parser.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / f"runtime-{args.model}.md")
     torch.set_num_threads(args.threads)
     setup = print_setup(bench="runtime", model=args.model, amounts=args.amounts, threads=args.threads,
                         prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats, batch=1,
                         pruning="magnitude (bytes, not quality)", kernels=isa_info())
     bandwidth = copy_bandwidth()
     print(f"memory copy bandwidth: {bandwidth:.1f} GB/s")
-    models = {"torch fp32": load_model(args.model).model}
-    dense = load_model(args.model)
+    cached: dict = {}
+    dense = fresh(args.model, cached)
     install_runtime(dense, "dense")
-    models["runtime dense fp16"] = dense.model
+    models = {"runtime dense fp16": dense.model}
     for amount in args.amounts:
-        handle = pruned(args.model, amount)
+        handle = pruned(args.model, amount, cached)
         runtime = install_runtime(handle, "sparse")
+        handle.masks.clear()  # packed into the layouts: the boolean masks (1 byte per weight) are not needed
         models[f"runtime sparse {amount}"] = handle.model
-        print(f"{amount}: layouts {runtime.summary()['layouts']}")
+        print(f"{amount}: layouts {runtime.summary()['layouts']}, lean decode layers {len(runtime.lean_layers)}")
+    # the dense original last, so that a model built in memory is copied only while it is still needed
+    models = {"torch fp32": cached.pop("model").model if cached else load_model(args.model).model, **models}
     measured = compare_speed(models, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,
                              threads=args.threads)
     results = measured["results"]
@@ -93,10 +143,13 @@ def main() -> None:
         rows.append([name, f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f}x",
                      f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x", f"{read / 2**20:.0f}",
                      f"{base_bytes / read:.2f}x", f"{per_token * 1e3:.1f}", f"{(per_token - streaming) * 1e3:.1f}",
-                     f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x"])
+                     f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x",
+                     f"{resident_bytes(model) / 2**20:.0f}",
+                     f"{resident_bytes(model) / resident_bytes(models['runtime dense fp16']):.2f}x"])
     table = markdown_table(["variant", "decode tok/s", "vs torch fp32", "vs runtime dense", "MiB read / token",
-                            "bytes bound vs runtime dense", "ms / token", "overhead ms / token",
-                            "prefill tok/s", "prefill vs runtime dense"], rows)
+                            "bytes bound vs runtime dense", "ms / token", "ms / token beyond streaming",
+                            "prefill tok/s", "prefill vs runtime dense", "resident weight MiB",
+                            "resident vs runtime dense"], rows)
     print(table)
     Path(args.out).write_text(f"# bench/runtime.py\nsetup: {setup}\nmemory copy bandwidth: {bandwidth:.1f} GB/s\n\n"
                               f"{table}\n")

@@ -103,9 +103,18 @@ def _print_summary(report: dict, out_dir: str) -> None:
         p = after["perplexity"]
         out.print(f"perplexity protocol: {p['dataset']} ({p['split']}), {p['windows']} windows x {p['seqlen']} "
                   f"tokens, BOS {p['bos']}")
+    runtime = after.get("runtime")
+    if runtime and runtime.get("speed"):
+        dense, ours = before["speed"]["decode_tokens_per_s"], runtime["speed"]["decode_tokens_per_s"]
+        out.print(f"decode: {ours:.1f} tokens/s in the {runtime['mode']} runtime vs {dense:.1f} dense (PyTorch, "
+                  f"{before['speed']['setup']['dtype']}): {ours / dense:.2f}x; weights read per token "
+                  f"{runtime['weight_bytes_per_token'] / 2**20:.0f} vs {before['speed']['weight_bytes_per_token'] / 2**20:.0f} MiB")
     if report.get("export"):
         e = report["export"]
-        out.print(f"exported: format {e['format']} ({e['dtype']}), {e['weight_bytes'] / 2**20:.1f} MiB of weights")
+        dense_size = f" (the dense model in {e['dtype']}: {e['dense_bytes_same_dtype'] / 2**20:.1f} MiB)" \
+            if e.get("dense_bytes_same_dtype") else ""
+        out.print(f"exported: format {e['format']} ({e['dtype']}), {e['weight_bytes'] / 2**20:.1f} MiB of weights"
+                  f"{dense_size}")
     out.print(f"report: {Path(out_dir) / 'report.md'}")
 
 

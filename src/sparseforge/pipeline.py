@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from .atomic import atomic_directory
 from .errors import SparseforgeError
 from .evaluation.report import peak_memory_mb, versions, write_report
@@ -23,6 +25,7 @@ from .evaluation.stats import directory_bytes, pruned_weight_bytes, sparsity_sum
 from .evaluation.suite import check_window_length, evaluate, prepare_evaluation
 from .export.saving import save_model
 from .interrupts import Interrupted
+from .models.attachments import install_attachment
 from .models.handle import LoadedModel
 from .models.loading import load_model
 from .recipe import Recipe
@@ -148,17 +151,26 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrit
             after = copy.deepcopy(before)
         if dense is not None:
             with _timed(timings, "speed"):
-                speed = compare_with_settings({"before": dense, "after": handle.model}, recipe.evaluate,
-                                              skip=handle.attachment("skip"))
+                models = {"before": dense}
+                if recipe.evaluate.runtime is not None:  # the same weights in the runtime, timed alongside
+                    in_runtime = copy.deepcopy(handle)
+                    after["runtime"] = install_attachment(in_runtime, "runtime", recipe.evaluate.runtime).summary()
+                    models["runtime"] = in_runtime.model
+                models["after"] = handle.model  # last: a skip policy's accounting is read from the last model
+                speed = compare_with_settings(models, recipe.evaluate, skip=handle.attachment("skip"))
             before["speed"], after["speed"] = speed["before"], speed["after"]
-            del dense
+            if "runtime" in speed:
+                after["runtime"]["speed"] = speed["runtime"]
+            del dense, models
         export = None
         if recipe.export is not None:
             log("exporting")
             with _timed(timings, "export"):
                 description = save_model(handle, tmp / "model", recipe.export.format, recipe.export.dtype)
+            element = torch.empty((), dtype=getattr(torch, description["dtype"])).element_size()
             export = {"format": description["format"], "dtype": description["dtype"],
                       "weight_bytes": weight_file_bytes(tmp / "model"),
+                      "dense_bytes_same_dtype": after["parameters"]["total"] * element,
                       "pruned_linear_bytes": pruned_weight_bytes(tmp / "model", description),
                       "directory_bytes": directory_bytes(tmp / "model")}
         timings["total"] = round(time.perf_counter() - started, 3)

@@ -70,6 +70,8 @@ class EvaluateConfig(StrictSettings):
     speed_new_tokens: int = Field(32, ge=1)
     speed_repeats: int = Field(3, ge=1)
     speed_threads: int | None = Field(None, ge=1, description="torch threads while timing (default: unchanged)")
+    runtime: Literal["sparse", "dense", "auto"] | None = Field(
+        None, description="also time the final model in the CPU sparse-weight runtime (with speed: true)")
 
     @field_validator("tasks", "qa")
     @classmethod

@@ -1,7 +1,8 @@
 """The one list of method packages that plug into the centre of sparseforge.
 
 Importing the ``stage`` module of a package on this list registers what it contributes: its recipe stages (:mod:`sparseforge.stages`) and
-how its model attachments are restored from an export directory (:mod:`sparseforge.models.attachments`). The
+how its model attachments are restored from an export directory or installed by name
+(:mod:`sparseforge.models.attachments`). The
 recipe, the pipeline and the loader ask for them through :func:`load_method_packages`, so no central module
 imports a method package by name; adding a method is its package plus one line here. The order is the order of
 the stage types in recipes and messages.
@@ -19,6 +20,7 @@ METHOD_PACKAGES = (
     "moe",  # stage factorize and attachment "experts": FFNs as routed experts
     "dst",  # stage dst: dynamic sparse training
     "search",  # stage search: per-block sparsity search
+    "runtime",  # attachment "runtime": the CPU sparse-weight runtime (installed by name, not saved)
 )
 
 

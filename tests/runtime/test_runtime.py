@@ -19,26 +19,34 @@ from sparseforge.runtime.install import nm_of
 TOLERANCE = dict(rtol=1e-3, atol=1e-3)
 
 
-def _pruned(pattern="unstructured", sparsity=0.5):
-    handle = load_model("tiny-llama")
+def _pruned(pattern="unstructured", sparsity=0.5, family="tiny-llama"):
+    handle = load_model(family)
     sf.prune(handle, method="magnitude", sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern,
              progress=False)
     return handle
 
 
 def _fp16_reference(handle):
-    """The same model with every runtime-held weight rounded to fp16 and computed densely in fp32."""
-    reference = copy.deepcopy(handle.model)
+    """The same model with every runtime-held weight (block linears, LM head, embeddings) rounded to fp16 and
+    computed densely in fp32."""
+    reference = copy.deepcopy(handle)
     with torch.no_grad():
-        for module in reference.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.copy_(module.weight.half().float())
-    return reference
+        for view in reference.adapter.linears():
+            view.module.weight.copy_(view.module.weight.half().float())
+        head, embedding = reference.adapter.lm_head(), reference.adapter.embed_tokens()
+        if type(embedding) is not nn.Embedding:  # kept as loaded by the runtime: untie the head from it
+            head.weight = nn.Parameter(head.weight.detach().clone())
+        for module in {head, embedding} if type(embedding) is nn.Embedding else {head}:
+            module.weight.copy_(module.weight.half().float())
+    return reference.model
 
 
-@pytest.mark.parametrize("pattern,layout", [("unstructured", "bitmask"), ("2:4", "nm")])
-def test_runtime_logits_and_greedy_generation_match_the_dense_fp16_model(pattern, layout):
-    handle = _pruned(pattern)
+@pytest.mark.parametrize("family,pattern,layout", [("tiny-llama", "unstructured", "bitmask"),
+                                                   ("tiny-llama", "2:4", "nm"), ("tiny-opt", "unstructured", "bitmask"),
+                                                   ("tiny-gpt2", "unstructured", "bitmask"),
+                                                   ("tiny-gemma3", "2:4", "nm"), ("tiny-qwen2", "unstructured", "bitmask")])
+def test_runtime_logits_and_greedy_generation_match_the_dense_fp16_model(family, pattern, layout):
+    handle = _pruned(pattern, family=family)
     reference = _fp16_reference(handle)
     runtime = install_runtime(handle, "sparse")
     assert {layer.layout for layer in runtime.layers[:-1]} == {layout}
@@ -114,7 +122,7 @@ def test_eval_and_generate_run_in_the_runtime_from_the_command_line(capsys, monk
     code, out, err = run_cli(capsys, monkeypatch, "eval", tmp_path / "pruned", "--runtime", "sparse", "--eval-data",
                              text_file, "--seqlen", "32", "--eval-windows", "2", "--out", tmp_path / "report")
     assert code == 0, err
-    assert "runtime sparse: 14 bitmask, 1 dense linears" in err
+    assert "runtime sparse: 8 bitmask, 1 dense weight matrices" in err  # q+k+v and gate+up fused
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["runtime"]["layouts"]["bitmask"] > 0 and report["runtime"]["layers"][0]["layout"] == "bitmask"
     assert abs(report["metrics"]["after"]["sparsity"] - 0.5) < 0.01  # statistics still see the packed weights
@@ -125,3 +133,46 @@ def test_eval_and_generate_run_in_the_runtime_from_the_command_line(capsys, monk
     assert_clean_failure(code, err, "needs a pruned model with recorded masks")
     code, _, err = run_cli(capsys, monkeypatch, "eval", "tiny-llama", "--runtime", "turbo", "--no-ppl")
     assert_clean_failure(code, err, "unknown runtime 'turbo'")
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2"])
+def test_the_lean_decode_step_gives_the_same_logits_as_the_transformers_layers(family):
+    from sparseforge.models.cache import cache_argument, cache_of
+
+    def decode(lean: bool):
+        handle = _pruned(family=family)
+        runtime = install_runtime(handle, "sparse", lean_decode=lean)
+        assert bool(runtime.lean_layers) == lean
+        ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(2))
+        logits = []
+        with torch.no_grad():
+            out = handle.model(input_ids=ids, use_cache=True)
+            for _ in range(6):
+                token = out.logits[:, -1:].argmax(-1)
+                out = handle.model(input_ids=token, **cache_argument(handle.model, cache_of(out)), use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1), handle, runtime
+
+    plain, _, _ = decode(False)
+    lean, handle, runtime = decode(True)
+    assert torch.equal(plain, lean)  # the same operations in the same order: bit-identical
+    handle.detach("runtime")
+    assert all("forward" not in vars(layer) for layer in runtime.lean_layers)
+
+
+def test_a_recipe_times_the_pruned_model_in_the_runtime_next_to_the_dense_one(tmp_path, text_file):
+    from sparseforge.pipeline import run_recipe
+    from sparseforge.recipe import parse_recipe
+
+    recipe = parse_recipe({"model": "tiny-llama", "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}],
+                           "data": {"evaluation": str(text_file), "seqlen": 32, "eval_windows": 2},
+                           "evaluate": {"speed": True, "runtime": "sparse", "speed_prompt_tokens": 8,
+                                        "speed_new_tokens": 4, "speed_repeats": 1},
+                           "export": {"format": "auto", "dtype": "float16"}})
+    report = run_recipe(recipe, tmp_path / "run", progress=False)
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert after["runtime"]["mode"] == "sparse" and after["runtime"]["speed"]["decode_tokens_per_s"] > 0
+    assert after["runtime"]["weight_bytes_per_token"] < before["speed"]["weight_bytes_per_token"]
+    assert report["export"]["weight_bytes"] < report["export"]["dense_bytes_same_dtype"]
+    assert "decode tokens/s, sparse runtime" in (tmp_path / "run" / "report.md").read_text()
+    assert not any(isinstance(m, SparseLinear) for m in load_model(str(tmp_path / "run")).model.modules())

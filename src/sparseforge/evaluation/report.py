@@ -109,6 +109,13 @@ def _metric_rows(report: dict) -> list[tuple[str, object, object]]:
     if get(after, "speed"):
         rows += [("prefill tokens/s", get(before, "speed", "prefill_tokens_per_s"), get(after, "speed", "prefill_tokens_per_s")),
                  ("decode tokens/s", get(before, "speed", "decode_tokens_per_s"), get(after, "speed", "decode_tokens_per_s"))]
+    runtime = get(after, "runtime")
+    if get(runtime, "speed"):
+        mode = runtime["mode"]
+        rows += [(f"decode tokens/s, {mode} runtime", None, get(runtime, "speed", "decode_tokens_per_s")),
+                 (f"weight MiB read per token ({mode} runtime after)",
+                  round(get(before, "speed", "weight_bytes_per_token") / 2**20, 1),
+                  round(runtime["weight_bytes_per_token"] / 2**20, 1))]
     for part, summary in (get(after, "skip") or {}).items():
         if isinstance(summary, dict):
             rows.append((f"FFN blocks skipped ({part})", None, summary["ratio"]))

@@ -44,6 +44,26 @@ def register_restorer(kind: str, restore: Callable[["LoadedModel", Path], None])
     _RESTORERS[kind] = restore
 
 
+# kind -> install(handle, option) -> attachment: attachments a run can ask for by name (the sparse runtime)
+_INSTALLERS: dict[str, Callable[["LoadedModel", str], "Attachment"]] = {}
+
+
+def register_installer(kind: str, install: Callable[["LoadedModel", str], "Attachment"]) -> None:
+    """How an attachment of ``kind`` is put on a loaded model by name (called by the package that owns it)."""
+    _INSTALLERS[kind] = install
+
+
+def install_attachment(handle: "LoadedModel", kind: str, option: str) -> "Attachment":
+    """Put an attachment of ``kind`` on ``handle`` (e.g. kind "runtime", option "sparse") without naming its
+    package."""
+    from ..registry import load_method_packages
+
+    load_method_packages()
+    if kind not in _INSTALLERS:
+        raise SparseforgeError(f"no installer for attachments of kind '{kind}'; known: {', '.join(sorted(_INSTALLERS))}")
+    return _INSTALLERS[kind](handle, option)
+
+
 def restore_attachments(handle: "LoadedModel", directory: Path) -> None:
     """Give ``handle`` back every attachment saved in ``directory`` (each restorer checks it fits these weights)."""
     from ..registry import load_method_packages

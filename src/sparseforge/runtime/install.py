@@ -31,7 +31,8 @@ from ..kernels import PackedWeight, matmul, pack_bitmask, pack_dense, pack_nm
 from ..kernels.layouts import NM_GROUP_SIZES
 from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
-from .linear import SparseLinear
+from .decode import install_lean_decode, remove_lean_decode
+from .linear import FusedLinear, HalfEmbedding, SliceLinear, SparseLinear
 
 RUNTIMES = ("sparse", "dense", "auto")
 
@@ -102,34 +103,57 @@ def _value_dtype(handle: LoadedModel) -> torch.dtype:
     return torch.bfloat16 if handle.dtype == torch.bfloat16 else torch.float16
 
 
+# projections that read the same input tensor, run as one fused product when all of a group are present
+SHARED_INPUT_ROLES = (("q", "k", "v"), ("gate", "up"))
+
+
+def _groups(adapter, index: int, masks: dict) -> list[list]:
+    """The block's linears, grouped by shared input where every member is masked alike (all or none)."""
+    linears = adapter.block_linears(index)
+    groups, taken = [], set()
+    for roles in SHARED_INPUT_ROLES:
+        members = [linears[r] for r in roles if r in linears]
+        if len(members) == len(roles) and len({v.name in masks for v in members}) == 1:
+            groups.append(members)
+            taken.update(roles)
+    return groups + [[view] for role, view in linears.items() if role not in taken]
+
+
 class SparseRuntime:
     """The attachment: which linears were replaced, and how to give the model its ordinary linears back."""
 
     kind = "runtime"
     takes_over_ffn = False
 
-    def __init__(self, handle: LoadedModel, mode: str, layers: list[LayerChoice], paths: dict[str, str]):
-        self.handle, self.mode, self.layers, self.paths = handle, mode, layers, paths
+    def __init__(self, handle: LoadedModel, mode: str, layers: list[LayerChoice], paths: dict[str, str],
+                 lean_layers: list):
+        self.handle, self.mode, self.layers, self.paths, self.lean_layers = handle, mode, layers, paths, lean_layers
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
         for layer in self.layers:
             counts[layer.layout] = counts.get(layer.layout, 0) + 1
-        return {"mode": self.mode, "layouts": counts, "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
+        return {"mode": self.mode, "layouts": counts, "lean_decode_layers": len(self.lean_layers), "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
                 "layers": [asdict(layer) for layer in self.layers]}
 
     def describe(self) -> str:
         layouts = ", ".join(f"{count} {layout}" for layout, count in self.summary()["layouts"].items())
-        return f"runtime {self.mode}: {layouts} linears, {weight_bytes_per_token(self.handle.model) / 2**20:.1f} MiB of weights read per token"
+        read = weight_bytes_per_token(self.handle.model) / 2**20
+        return f"runtime {self.mode}: {layouts} weight matrices, {read:.1f} MiB of weights read per token"
 
     def save(self, directory: Path) -> None:
         raise RuntimeRequestError("a model in the sparse runtime is for inference and is not saved; export it before "
                             "loading it with a runtime")
 
     def remove(self) -> None:
+        remove_lean_decode(self.lean_layers)
         model = self.handle.model
+        modules = dict(model.named_modules())
         for path in self.paths.values():
-            module = dict(model.named_modules())[path]
+            module = modules[path]
+            if isinstance(module, HalfEmbedding):
+                set_path(model, path, nn.Embedding.from_pretrained(module.values.to(self.handle.dtype), freeze=False))
+                continue
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                dtype=self.handle.dtype)
             with torch.no_grad():
@@ -139,8 +163,10 @@ class SparseRuntime:
             set_path(model, path, linear)
 
 
-def install_runtime(handle: LoadedModel, mode: str = "auto", log=print) -> SparseRuntime:
-    """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment."""
+def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_decode: bool = True) -> SparseRuntime:
+    """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment.
+
+    ``lean_decode``: Llama-style layers decode one token through :mod:`.decode` (same logits, less overhead)."""
     if mode not in RUNTIMES:
         raise RuntimeRequestError(f"unknown runtime '{mode}'; available: {', '.join(RUNTIMES)}")
     if handle.attachment("experts") is not None:
@@ -158,34 +184,56 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print) -> Spars
     timer = _Timer() if mode == "auto" and masks else None
     threads = torch.get_num_threads()
     layers, paths, replacements = [], {}, {}
-    for view in handle.adapter.linears():
-        weight = view.weight.detach().float()
-        mask = masks.get(view.name)
+
+    def packed_for(weight: torch.Tensor, mask: torch.Tensor | None, choice: LayerChoice) -> PackedWeight:
         dense = pack_dense(weight, dtype)
-        choice = LayerChoice(view.name, tuple(weight.shape), 1.0 if mask is None else mask.float().mean().item(), "dense")
-        packed = dense
-        if mask is not None and mode != "dense":
-            sparse, layout = pack_sparse(weight, mask, dtype)
-            if timer is not None:
-                key = (choice.shape, layout, round(choice.density, 2), threads)
-                choice.sparse_us, choice.dense_us = timer.compare(key, sparse, dense)
-                use_sparse = choice.sparse_us < choice.dense_us
+        if mask is None or mode == "dense":
+            return dense
+        sparse, layout = pack_sparse(weight, mask, dtype)
+        if timer is not None:
+            key = (choice.shape, layout, round(choice.density, 2), threads)
+            choice.sparse_us, choice.dense_us = timer.compare(key, sparse, dense)
+            if choice.dense_us <= choice.sparse_us:
+                return dense
+        choice.layout = layout
+        return sparse
+
+    adapter = handle.adapter
+    for index in range(adapter.num_blocks):
+        for group in _groups(adapter, index, masks):
+            weight = torch.cat([view.weight.detach().float() for view in group])
+            mask = torch.cat([masks[view.name] for view in group]) if group[0].name in masks else None
+            biases = [view.bias for view in group]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach().float() if b is not None else torch.zeros(v.out_features) for b, v in zip(biases, group)])
+            choice = LayerChoice("+".join(view.name for view in group), tuple(weight.shape),
+                                 1.0 if mask is None else mask.float().mean().item(), "dense")
+            packed = packed_for(weight, mask, choice)
+            layers.append(choice)
+            if len(group) == 1:
+                replacements[group[0].name] = SparseLinear(packed, bias, choice.layout)
             else:
-                use_sparse = True
-            if use_sparse:
-                packed, choice.layout = sparse, layout
-        bias = view.bias
-        replacements[view.name] = SparseLinear(packed, None if bias is None else bias.detach(), choice.layout)
-        layers.append(choice)
-        paths[view.name] = _module_path(handle.model, view.module)
-    head = handle.adapter.lm_head()
-    head_path = _module_path(handle.model, head)
-    replacements[head_path] = SparseLinear(pack_dense(head.weight.detach().float(), dtype),
-                                           None if head.bias is None else head.bias.detach(), "dense")
+                fused, start = FusedLinear(packed, bias, choice.layout), 0
+                for view, member_bias in zip(group, biases):
+                    replacements[view.name] = SliceLinear(fused, start, start + view.out_features,
+                                                          member_bias is not None)
+                    start += view.out_features
+            for view in group:
+                paths[view.name] = _module_path(handle.model, view.module)
+    head, embedding = adapter.lm_head(), adapter.embed_tokens()
+    head_path, embedding_path = _module_path(handle.model, head), _module_path(handle.model, embedding)
+    head_packed = pack_dense(head.weight.detach().float(), dtype)
+    # the embeddings in half precision too; a tied head and embedding share one matrix, as before
+    tied = adapter.tied_embeddings()
+    embedding_values = head_packed.values if tied else embedding.weight.detach().to(dtype).contiguous()
+    replacements[head_path] = SparseLinear(head_packed, None if head.bias is None else head.bias.detach(), "dense")
     layers.append(LayerChoice(head_path, tuple(head.weight.shape), 1.0, "dense"))
     paths[head_path] = head_path
+    if type(embedding) is nn.Embedding:  # a subclass may scale or offset (Gemma 3): it stays as loaded
+        replacements[embedding_path] = HalfEmbedding(embedding_values, handle.dtype, tied)
+        paths[embedding_path] = embedding_path
     for name, module in replacements.items():
         set_path(handle.model, paths[name], module)
-    runtime = SparseRuntime(handle, mode, layers, paths)
+    runtime = SparseRuntime(handle, mode, layers, paths, install_lean_decode(handle) if lean_decode else [])
     handle.attach(runtime)
     return runtime

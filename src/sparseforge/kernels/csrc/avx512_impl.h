@@ -52,6 +52,9 @@ struct DenseDecoder {
   int64_t full_chunks() const { return in / kWindow; }
   __mmask32 tail_mask() const { return __mmask32((1u << (in % kWindow)) - 1u); }
   SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi) const {
+    // the same place kOB rows on is what the next work unit reads: one line ahead per line read, so short rows
+    // (a few KiB) stream at full speed instead of each restarting the hardware prefetcher
+    _mm_prefetch((const char*)(c.p + kOB * in), _MM_HINT_T0);
     widen32<BF16>(_mm512_loadu_si512(c.p), lo, hi);
     c.p += kWindow;
   }
@@ -65,15 +68,22 @@ template <bool BF16>
 struct BitmaskDecoder {
   const BitmaskWeight& w;
   int64_t in;
+  int64_t out;
   struct Cursor {
     const uint16_t* p;
     const uint32_t* mask;
+    int64_t ahead;  // values between this row and the row kOB on (prefetched as this row is read)
   };
   int64_t chunks() const { return (in + kWindow - 1) / kWindow; }
-  Cursor start(int64_t o) const { return {w.values + w.offsets[o], w.masks + o * chunks()}; }
+  Cursor start(int64_t o) const {
+    const int64_t ahead = o + kOB <= out ? w.offsets[o + kOB] - w.offsets[o] : 0;
+    return {w.values + w.offsets[o], w.masks + o * chunks(), ahead};
+  }
   int64_t full_chunks() const { return chunks(); }
   __mmask32 tail_mask() const { return 0; }
   SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi) const {
+    _mm_prefetch((const char*)(c.p + c.ahead), _MM_HINT_T0);
+    _mm_prefetch((const char*)(c.mask + kOB * chunks()), _MM_HINT_T0);
     const uint32_t m = *c.mask++;
 #if SF_VBMI2
     // one expand places the kept 16-bit values at their inputs (values are padded, the full load is safe)
@@ -200,6 +210,7 @@ struct GatherKernel {
         __m512i idx[OB];
         SF_UNROLL
         for (int j = 0; j < OB; ++j) {
+          _mm_prefetch((const char*)(vals[j] + 16 * b + kOB * g.row_values), _MM_HINT_T0);
           wv[j] = widen<BF16>(_mm256_maskz_loadu_epi16(mask[b], vals[j] + 16 * b));
           idx[j] = indices(g, pos[j], b);
         }
@@ -212,7 +223,10 @@ struct GatherKernel {
             acc[j][r] = _mm512_fmadd_ps(wv[j], _mm512_permutex2var_ps(xlo, idx[j], xhi), acc[j][r]);
         }
       }
-      for (int j = 0; j < OB; ++j) vals[j] += g.kept, pos[j] += g.wbytes;
+      for (int j = 0; j < OB; ++j) {
+        _mm_prefetch((const char*)(pos[j] + kOB * g.w.pos_stride), _MM_HINT_T0);
+        vals[j] += g.kept, pos[j] += g.wbytes;
+      }
     }
     for (int j = 0; j < OB; ++j)
       for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.out + o0 + j] = finish(acc[j][r], p.bias, o0 + j);

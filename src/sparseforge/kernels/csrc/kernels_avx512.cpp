@@ -19,9 +19,9 @@ void dense(const Problem& p, const DenseWeight& w, int64_t begin, int64_t end) {
 
 void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t end) {
   if (p.bf16) {
-    run<ExpandKernel<BitmaskDecoder<true>>>(p, BitmaskDecoder<true>{w, p.in}, begin, end);
+    run<ExpandKernel<BitmaskDecoder<true>>>(p, BitmaskDecoder<true>{w, p.in, p.out}, begin, end);
   } else {
-    run<ExpandKernel<BitmaskDecoder<false>>>(p, BitmaskDecoder<false>{w, p.in}, begin, end);
+    run<ExpandKernel<BitmaskDecoder<false>>>(p, BitmaskDecoder<false>{w, p.in, p.out}, begin, end);
   }
 }
 
