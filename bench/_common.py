@@ -1,10 +1,13 @@
-"""Shared set-up printing for benchmark scripts: every result says how it was measured."""
+"""Shared by benchmark scripts: set-up printing (every result says how it was measured), result caching, tables,
+and the machine's memory-copy bandwidth (the physical limit that speed is compared with)."""
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,3 +39,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def copy_bandwidth(rounds: int = 7, mib: int = 512) -> float:
+    """GB/s of ``dst.copy_(src)`` on a ``mib`` MiB float32 tensor, read + write bytes counted, median of rounds."""
+    src = torch.rand(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9

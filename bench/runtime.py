@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import torch
@@ -37,19 +36,7 @@ from sparseforge.models.handle import LoadedModel
 from sparseforge.models.loading import load_model
 from sparseforge.runtime import install_runtime
 
-from _common import markdown_table, print_setup
-
-
-def copy_bandwidth(mib: int = 512, repeats: int = 7) -> float:
-    """GB/s of a large float32 copy (read + write bytes): the machine's practical memory limit."""
-    source = torch.ones(mib * 2**20 // 4)
-    target = torch.empty_like(source)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 2 * source.numel() * 4 / sorted(times)[repeats // 2] / 1e9
+from _common import copy_bandwidth, markdown_table, print_setup
 
 
 def resident_bytes(model: torch.nn.Module) -> int:

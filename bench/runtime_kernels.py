@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import markdown_table, print_setup
+from _common import copy_bandwidth, markdown_table, print_setup
 from sparseforge import kernels
 
 MIB = 2**20
@@ -41,18 +41,6 @@ def other_load(seconds: float = 2.0) -> float:
     time.sleep(seconds)
     idle1, total1 = sample()
     return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def copy_bandwidth(rounds: int, mib: int = 512) -> float:
-    """GB/s of ``dst.copy_(src)`` on a ``mib`` MiB tensor, read + write bytes counted, median of rounds."""
-    src = torch.rand(mib * MIB // 4)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def mask_at(shape, sparsity: float, gen) -> torch.Tensor:
