@@ -176,3 +176,28 @@ def test_a_recipe_times_the_pruned_model_in_the_runtime_next_to_the_dense_one(tm
     assert report["export"]["weight_bytes"] < report["export"]["dense_bytes_same_dtype"]
     assert "decode tokens/s, sparse runtime" in (tmp_path / "run" / "report.md").read_text()
     assert not any(isinstance(m, SparseLinear) for m in load_model(str(tmp_path / "run")).model.modules())
+
+
+def test_an_ffn_skip_policy_still_acts_in_the_runtime():
+    """The lean decode step bypasses the FFN's norm and projections, which a skip policy hooks: with a policy
+    installed, every layer must fall back to the transformers forward and skip as it would without the runtime."""
+    from sparseforge.models.cache import cache_argument, cache_of
+    from sparseforge.skip import SkipPolicy, install_policy
+
+    def decode(runtime: str | None, skip: bool):
+        handle = _pruned()
+        if runtime is not None:
+            install_runtime(handle, runtime, lean_decode=True)
+        if skip:  # skip the FFN after every one whose similarity exceeds -1: all of them after the first
+            install_policy(handle, SkipPolicy(threshold=-1.0, cold_start=0, cold_end=0))
+        ids = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            out = handle.model(input_ids=ids, use_cache=True)
+            for _ in range(4):
+                token = out.logits[:, -1:].argmax(-1)
+                out = handle.model(input_ids=token, **cache_argument(handle.model, cache_of(out)), use_cache=True)
+        return out.logits
+
+    skipping, not_skipping = decode("sparse", True), decode("sparse", False)
+    assert not torch.allclose(skipping, not_skipping)  # the policy changed what was computed
+    torch.testing.assert_close(skipping, decode(None, True), **TOLERANCE)  # and as without the runtime

@@ -5,8 +5,9 @@ For a single new token per sequence, with a KV cache and no attention mask (batc
 each decoder layer runs as one Python function. It normalises, takes q, k and v from the fused product in one
 kernel call, rotates, updates the cache, runs attention (``scaled_dot_product_attention`` with grouped KV heads),
 projects, then takes gate and up from one fused product. The operations and their order are those of the
-transformers layer, so the logits are bit-identical (tested). Anything else (prefill, masks, other families) goes
-through the original forward. On the default model this saves about 4-6 ms per token of Python overhead
+transformers layer, so the logits are bit-identical (tested). Anything else (prefill, masks, other families, and
+any hook or forward override on a module the step would bypass, such as an FFN-skip policy's) goes through the
+original forward. On the default model this saves about 4-6 ms per token of Python overhead
 (bench/runtime.py).
 """
 
@@ -43,18 +44,28 @@ def _leanable(layer) -> bool:
             and hasattr(layer.input_layernorm, "variance_epsilon"))
 
 
+def _untouched(modules) -> bool:
+    """No hook or forward override on any of ``modules`` (nor a global hook): what the lean step may bypass. An
+    FFN-skip policy, for one, hooks the FFN's norm and overrides its projections; then the original layer runs."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules)
+
+
 def _lean_forward(layer, original):
     attn, mlp = layer.self_attn, layer.mlp
     q_proj, k_proj, v_proj, o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
     gate, up, down, act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
     first_norm, second_norm = layer.input_layernorm, layer.post_attention_layernorm
+    bypassed = (first_norm, second_norm, attn, mlp, q_proj, k_proj, v_proj, gate, up)  # called directly below
     head_dim, scaling, index = attn.head_dim, attn.scaling, attn.layer_idx
     gqa = getattr(attn, "num_key_value_groups", 1) > 1
 
     def forward(hidden_states, *args, attention_mask=None, position_embeddings=None, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if args or hidden_states.shape[1] != 1 or attention_mask is not None or cache is None \
-                or position_embeddings is None:
+                or position_embeddings is None or not _untouched(bypassed):
             return original(hidden_states, *args, attention_mask=attention_mask,
                             position_embeddings=position_embeddings, **kwargs)
         batch = hidden_states.shape[0]
