@@ -201,3 +201,19 @@ def test_an_ffn_skip_policy_still_acts_in_the_runtime():
     skipping, not_skipping = decode("sparse", True), decode("sparse", False)
     assert not torch.allclose(skipping, not_skipping)  # the policy changed what was computed
     torch.testing.assert_close(skipping, decode(None, True), **TOLERANCE)  # and as without the runtime
+
+
+@pytest.mark.parametrize("fmt,pattern", [("bitmask", "unstructured"), ("nm", "2:4")])
+def test_a_damaged_compressed_export_is_refused_before_the_runtime_sees_it(capsys, monkeypatch, tmp_path, fmt,
+                                                                          pattern):
+    from sparseforge.export.saving import save_model
+
+    from helpers import assert_clean_failure, run_cli
+
+    description = save_model(_pruned(pattern), tmp_path / "m", format=fmt)
+    weights = tmp_path / "m" / description["weights"]
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01  # one flipped bit in the packed values or positions
+    weights.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "m", "Hello", "--runtime", "sparse")
+    assert_clean_failure(code, err, "SHA-256")
