@@ -217,3 +217,15 @@ def test_a_damaged_compressed_export_is_refused_before_the_runtime_sees_it(capsy
     weights.write_bytes(bytes(data))
     code, _, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "m", "Hello", "--runtime", "sparse")
     assert_clean_failure(code, err, "SHA-256")
+
+
+def test_a_half_precision_export_runs_in_float32_activations(tmp_path):
+    from sparseforge.export.saving import save_model
+
+    save_model(_pruned(), tmp_path / "m", format="bitmask", dtype="float16")
+    handle = sf.load_model(str(tmp_path / "m"), runtime="sparse")
+    assert handle.dtype == torch.float32  # norms and the rest moved to float32; weights stay in fp16 layouts
+    reference = _fp16_reference(load_model(str(tmp_path / "m"), dtype="float32"))
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(handle.model(ids).logits, reference(ids).logits, **TOLERANCE)

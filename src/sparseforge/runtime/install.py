@@ -10,7 +10,9 @@
   density, threads) with the cache flushed before every call, since decoding streams weights from memory. A model
   without masks falls back to dense, saying so.
 
-The LM head runs in the runtime's dense kernel too; the embeddings stay as they are (a decode step reads one row).
+The LM head runs in the runtime's dense kernel too, and plain embeddings are held in half precision (sharing a
+tied head's matrix). Whatever the loaded dtype, the model then computes its activations in float32: the weights
+keep their half-precision layouts, and CPU half-precision elementwise ops are the slower ones.
 The runtime is an attachment of kind ``runtime``; it is for inference and refuses to be saved (export the model
 before putting it in the runtime).
 """
@@ -230,10 +232,13 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     layers.append(LayerChoice(head_path, tuple(head.weight.shape), 1.0, "dense"))
     paths[head_path] = head_path
     if type(embedding) is nn.Embedding:  # a subclass may scale or offset (Gemma 3): it stays as loaded
-        replacements[embedding_path] = HalfEmbedding(embedding_values, handle.dtype, tied)
+        replacements[embedding_path] = HalfEmbedding(embedding_values, torch.float32, tied)
         paths[embedding_path] = embedding_path
     for name, module in replacements.items():
         set_path(handle.model, paths[name], module)
+    # activations in float32 whatever the loaded dtype: the weights stay in their half-precision layouts, and CPU
+    # half-precision elementwise ops (norms, attention, rotary) are slower than float32 ones
+    handle.model.to(torch.float32)
     runtime = SparseRuntime(handle, mode, layers, paths, install_lean_decode(handle) if lean_decode else [])
     handle.attach(runtime)
     return runtime
