@@ -6,11 +6,14 @@ on stderr and exits with status 2; nothing half-written is left behind.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import re
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +61,46 @@ RUNTIME = typer.Option(None, help="run in the CPU sparse-weight runtime: sparse 
 FORMAT = typer.Option("auto", help="export format: auto (smallest exact), dense, bitmask or nm")
 DENSE_FORMAT = typer.Option("dense", help="export format: dense (default: a shrunk model has no zeros to skip), "
                                           "auto, bitmask or nm")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every stage command shares, declared once below and handed to the command as one value."""
+
+    format: str
+    export_dtype: Optional[str]
+    ppl: bool
+    speed: bool
+    eval_data: str
+    eval_windows: int
+    bos: str
+    device: str
+    overwrite: bool
+    restart: bool
+
+
+_RUN_OPTIONS = {"format": (str, FORMAT), "export_dtype": (Optional[str], EXPORT_DTYPE), "ppl": (bool, PPL),
+                "speed": (bool, SPEED), "eval_data": (str, EVAL_DATA), "eval_windows": (int, EVAL_WINDOWS),
+                "bos": (str, BOS), "device": (str, DEVICE), "overwrite": (bool, OVERWRITE), "restart": (bool, RESTART)}
+
+
+def stage_command(**overrides):
+    """Give a command that runs recipe stages the shared options (docs/cli.md) after its own, with ``overrides``
+    for a different default or help; the command receives them as ``run``, a :class:`RunOptions`."""
+    def wrap(command):
+        own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items() if name != "run"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=overrides.get(name, option))
+                  for name, (annotation, option) in _RUN_OPTIONS.items()]
+
+        @functools.wraps(command)
+        def with_run_options(**values):
+            return command(**{name: values.pop(name) for name in list(values) if name not in _RUN_OPTIONS},
+                           run=RunOptions(**values))
+
+        with_run_options.__signature__ = inspect.Signature(own + shared)
+        return with_run_options
+    return wrap
 
 
 def _quiet_libraries() -> None:
@@ -119,6 +162,7 @@ def _print_summary(report: dict, out_dir: str) -> None:
 
 
 @app.command()
+@stage_command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     method: str = typer.Option("magnitude", help="magnitude (no data), wanda, or sparsegpt"),
@@ -138,19 +182,10 @@ def prune(
                                                "upstream outputs; block: the reference two-pass order, less memory"),
     batch_size: int = typer.Option(8, help="calibration windows per forward batch"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>-<amount>)"),
-    format: str = FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    ppl: bool = PPL,
-    speed: bool = SPEED,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
     reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
                                               help="layer-wise reconstruction: after each block is pruned, train its "
                                                    "norms and a MaskLoRA for STEPS steps to match the dense block"),
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Prune a model one-shot, evaluate before and after, export it, and write a report.
 
@@ -164,13 +199,12 @@ def prune(
                          "allocation": allocation, "refine": refine, "order": order, "batch_size": batch_size}}]
     if reconstruct is not None:
         stages.append({"retrain": {"method": "reconstruct", "steps": reconstruct}})
-    _run_stages(model, stages, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                                "bos": bos, "evaluation": eval_data, "eval_windows": eval_windows},
-                out_dir or _default_out(model, method, pattern, sparsity), ppl=ppl, speed=speed,
-                export_format=format, export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
+    _run_stages(model, stages, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+                out_dir or _default_out(model, method, pattern, sparsity), run=run)
 
 
 @app.command()
+@stage_command()
 def retrain(
     model: str = typer.Argument(..., help="a pruned model: a sparseforge run/export directory (masks are read from "
                                           "it), or any model with method imp"),
@@ -192,17 +226,8 @@ def retrain(
     imp_sparsity: float = typer.Option(0.5, help="imp: final sparsity"),
     imp_rounds: int = typer.Option(3, help="imp: prune-retrain rounds"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<method>)"),
-    format: str = FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    ppl: bool = PPL,
-    speed: bool = SPEED,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
     masks_from_zeros: bool = typer.Option(False, "--masks-from-zeros", help=MASKS_FROM_ZEROS_HELP),
+    run: RunOptions = None,
 ) -> None:
     """Recover a pruned model's quality by retraining, evaluate before and after, export it, and write a report.
 
@@ -213,10 +238,8 @@ def retrain(
                          "lora": {"variant": lora_variant, "rank": rank, "alpha": alpha}, "steps": steps, "lr": lr,
                          "batch": batch_size, "gradient_checkpointing": gradient_checkpointing,
                          "imp": {"sparsity": imp_sparsity, "rounds": imp_rounds}}}
-    _run_stages(model, [stage], {"calibration": train_data, "seqlen": seqlen, "seed": seed, "bos": bos,
-                                 "evaluation": eval_data, "eval_windows": eval_windows},
-                out_dir or _run_directory(model, method), ppl=ppl, speed=speed, export_format=format,
-                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart,
+    _run_stages(model, [stage], {"calibration": train_data, "seqlen": seqlen, "seed": seed},
+                out_dir or _run_directory(model, method), run=run,
                 masks_from_zeros=masks_from_zeros)
 
 
@@ -242,24 +265,25 @@ def _ratios(text: str, what: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def _run_stages(model: str, stages: list[dict], data: dict, out_dir: str, *, ppl: bool, speed: bool,
-                export_format: str, export_dtype: Optional[str], device: str, overwrite: bool, restart: bool,
+def _run_stages(model: str, stages: list[dict], data: dict, out_dir: str, run: "RunOptions",
                 masks_from_zeros: bool = False) -> dict:
     """What every stage command does: build a recipe from its options, run it, print the summary."""
     from .pipeline import run_recipe
     from .recipe import parse_recipe
 
     recipe = parse_recipe({
-        "model": model, "device": device, "masks_from_zeros": masks_from_zeros, "data": data, "stages": stages,
-        "evaluate": {"perplexity": ppl, "speed": speed},
-        "export": {"format": export_format, "dtype": export_dtype},
+        "model": model, "device": run.device, "masks_from_zeros": masks_from_zeros,
+        "data": {**data, "bos": run.bos, "evaluation": run.eval_data, "eval_windows": run.eval_windows},
+        "stages": stages, "evaluate": {"perplexity": run.ppl, "speed": run.speed},
+        "export": {"format": run.format, "dtype": run.export_dtype},
     }, origin="arguments")
-    report = run_recipe(recipe, out_dir, overwrite=overwrite, log=_log, restart=restart)
+    report = run_recipe(recipe, out_dir, overwrite=run.overwrite, log=_log, restart=run.restart)
     _print_summary(report, out_dir)
     return report
 
 
 @app.command()
+@stage_command(format=DENSE_FORMAT)
 def shrink(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ffn: str = typer.Option("0", help="fraction of FFN neurons to remove: one value, or one per block, comma-separated"),
@@ -275,16 +299,7 @@ def shrink(
     seqlen: int = typer.Option(512, help="window length in tokens (calibration and evaluation)"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-shrink)"),
-    format: str = DENSE_FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    ppl: bool = PPL,
-    speed: bool = SPEED,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Remove FFN neurons and attention heads physically: a smaller dense model that really runs faster.
 
@@ -293,13 +308,12 @@ def shrink(
     """
     stage = {"shrink": {"ffn": _ratios(ffn, "ffn"), "heads": _ratios(heads, "heads"), "score": score,
                         "round_to": round_to, "head_unit": head_unit, "compensate": compensate}}
-    _run_stages(model, [stage], {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                                 "bos": bos, "evaluation": eval_data, "eval_windows": eval_windows},
-                out_dir or _run_directory(model, "shrink"), ppl=ppl, speed=speed, export_format=format,
-                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
+    _run_stages(model, [stage], {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+                out_dir or _run_directory(model, "shrink"), run=run)
 
 
 @app.command()
+@stage_command(format=DENSE_FORMAT)
 def finercut(
     model: str = typer.Argument(..., help=MODEL_HELP),
     remove: float = typer.Option(0.25, help="fraction of all attention + FFN sub-layers to remove (a count if >= 1)"),
@@ -314,16 +328,7 @@ def finercut(
     eval_seqlen: int = typer.Option(512, help="evaluation window length in tokens"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-finercut)"),
-    format: str = DENSE_FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    ppl: bool = PPL,
-    speed: bool = SPEED,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Remove whole attention and FFN sub-layers, one at a time, where the output distribution moves least.
 
@@ -331,10 +336,8 @@ def finercut(
     """
     stage = {"finercut": {"remove": remove, "unit": unit, "distance": distance, "exclude": exclude,
                           "nsamples": nsamples, "seqlen": seqlen}}
-    _run_stages(model, [stage], {"calibration": calibration, "seqlen": eval_seqlen, "seed": seed, "bos": bos,
-                                 "evaluation": eval_data, "eval_windows": eval_windows},
-                out_dir or _run_directory(model, "finercut"), ppl=ppl, speed=speed, export_format=format,
-                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
+    _run_stages(model, [stage], {"calibration": calibration, "seqlen": eval_seqlen, "seed": seed},
+                out_dir or _run_directory(model, "finercut"), run=run)
 
 
 skip_app = typer.Typer(help="Input-adaptive FFN skipping while decoding (FFN-SkipLLM).", no_args_is_help=True,
@@ -343,6 +346,10 @@ app.add_typer(skip_app, name="skip")
 
 
 @skip_app.command("calibrate")
+@stage_command(ppl=typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (text scored as if the "
+                                                             "policy had generated it)"),
+               speed=typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
+               format=DENSE_FORMAT)
 def skip_calibrate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     target: float = typer.Option(0.25, help="share of all FFN blocks to skip on generated tokens, e.g. 0.1-0.35"),
@@ -358,17 +365,7 @@ def skip_calibrate(
     new_tokens: int = typer.Option(32, help="tokens generated per calibration prompt"),
     seed: int = typer.Option(0, help="seed for drawing calibration prompts"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-skip<target>)"),
-    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (text scored as if the "
-                                                        "policy had generated it)"),
-    speed: bool = typer.Option(False, "--speed", help="measure decode speed with and without the policy"),
-    format: str = DENSE_FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Calibrate where and how much to skip FFN blocks per token, and save the policy with the model.
 
@@ -378,13 +375,13 @@ def skip_calibrate(
     stage = {"skip": {"target": target, "k": k, "similarity": similarity, "cold_start": cold_start,
                       "cold_end": cold_end, "warmup": warmup, "nsamples": nsamples, "prompt_tokens": prompt_tokens,
                       "new_tokens": new_tokens}}
-    _run_stages(model, [stage], {"calibration": calibration, "seed": seed, "bos": bos, "evaluation": eval_data,
-                                 "eval_windows": eval_windows},
-                out_dir or _run_directory(model, f"skip{target:g}"), ppl=ppl, speed=speed, export_format=format,
-                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
+    _run_stages(model, [stage], {"calibration": calibration, "seed": seed},
+                out_dir or _run_directory(model, f"skip{target:g}"), run=run)
 
 
 @app.command()
+@stage_command(speed=typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
+               format=DENSE_FORMAT)
 def factorize(
     model: str = typer.Argument(..., help=MODEL_HELP),
     experts: int = typer.Option(4, help="experts per FFN (a shared one included); must divide the FFN width"),
@@ -407,16 +404,7 @@ def factorize(
     train_data: str = TRAIN_DATA,
     seed: int = typer.Option(0, help="seed for partitions, routers and batches"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-<E>e<K>k)"),
-    ppl: bool = PPL,
-    speed: bool = typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
-    format: str = DENSE_FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    bos: str = BOS,
-    device: str = DEVICE,
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Split every FFN into routed experts (FactorLLM) and run only the top-k per token.
 
@@ -428,10 +416,8 @@ def factorize(
                            "router_steps": router_steps, "expert_steps": expert_steps, "router_lr": router_lr,
                            "expert_lr": expert_lr, "batch": batch_size, "seqlen": seqlen, "pa_weight": pa_weight,
                            "balance_weight": balance_weight, "lm_weight": lm_weight, "router_grad": router_grad}}
-    _run_stages(model, [stage], {"calibration": train_data, "seed": seed, "bos": bos, "evaluation": eval_data,
-                                 "eval_windows": eval_windows},
-                out_dir or _run_directory(model, f"{experts}e{topk}k"), ppl=ppl, speed=speed, export_format=format,
-                export_dtype=export_dtype, device=device, overwrite=overwrite, restart=restart)
+    _run_stages(model, [stage], {"calibration": train_data, "seed": seed},
+                out_dir or _run_directory(model, f"{experts}e{topk}k"), run=run)
 
 
 @app.command()
@@ -529,6 +515,7 @@ def continual(
 
 
 @app.command()
+@stage_command()
 def dst(
     model: str = typer.Argument("mlp", help="an image backbone (mlp, resnet) or a language model: " + MODEL_HELP),
     method: str = typer.Option("rigl", help="set, rigl, snfs, static (a fixed random mask) or dense"),
@@ -550,15 +537,8 @@ def dst(
     drop_fraction: float = typer.Option(0.3, help="share of active weights rewired at the first update"),
     stop_fraction: float = typer.Option(0.75, help="no topology updates after this share of training"),
     seed: int = typer.Option(0, help="seed for masks, initialisation and batches"),
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    format: str = FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    bos: str = BOS,
-    device: str = DEVICE,
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/dst-...)"),
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Train a model sparse from scratch with dynamic sparse training (SET, RigL, SNFS): an image classifier, or
     any supported language model (its attention and FFN projections).
@@ -578,7 +558,7 @@ def dst(
         config = SparseTrainConfig(method=method, density=density, init=init, backbone=model, epochs=epochs,
                                    batch=batch_size, lr=lr, delta_t=delta_t, drop_fraction=drop_fraction,
                                    stop_fraction=stop_fraction, seed=seed)
-        result = train_sparse(config, out_dir, train_data or "fashion-mnist", overwrite)
+        result = train_sparse(config, out_dir, train_data or "fashion-mnist", run.overwrite)
         out.print(f"{method} at density {result['density']:.3f}: test accuracy {100 * result['accuracy']:.2f}% "
                   f"after {result['steps']} steps ({result['updates']} topology updates, {result['seconds']:.0f} s)",
                   highlight=False)
@@ -591,13 +571,12 @@ def dst(
         stage = {"dst": {"method": method, "density": density, "init": init, "from_scratch": from_scratch,
                          "steps": steps, "lr": lr, "batch": min(batch_size, 8), "seqlen": seqlen, "delta_t": delta_t,
                          "drop_fraction": drop_fraction, "stop_fraction": stop_fraction}}
-        _run_stages(model, [stage], {"calibration": train_data or "default", "seed": seed, "bos": bos,
-                                     "evaluation": eval_data, "eval_windows": eval_windows},
-                    out_dir, ppl=True, speed=False, export_format=format, export_dtype=export_dtype, device=device,
-                    overwrite=overwrite, restart=restart)
+        _run_stages(model, [stage], {"calibration": train_data or "default", "seed": seed},
+                    out_dir, run=run)
 
 
 @app.command()
+@stage_command()
 def search(
     model: str = typer.Argument(..., help=MODEL_HELP),
     algorithm: str = typer.Option("nsga2", help="nsga2 (whole network, a front), evopress (one allocation at "
@@ -628,17 +607,8 @@ def search(
     nsamples: int = typer.Option(CALIBRATION_WINDOWS, help="calibration windows for the variants' statistics"),
     seqlen: int = typer.Option(512, help="their length (and the evaluation window length)"),
     seed: int = typer.Option(0, help="seed of the windows and the search"),
-    eval_data: str = EVAL_DATA,
-    eval_windows: int = EVAL_WINDOWS,
-    ppl: bool = PPL,
-    speed: bool = SPEED,
-    format: str = FORMAT,
-    export_dtype: Optional[str] = EXPORT_DTYPE,
-    bos: str = BOS,
-    device: str = DEVICE,
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-search-...)"),
-    overwrite: bool = OVERWRITE,
-    restart: bool = RESTART,
+    run: RunOptions = None,
 ) -> None:
     """Search per-block sparsity levels for the best quality at each size, and export the model at one point.
 
@@ -657,10 +627,8 @@ def search(
     chosen = pick if pick is not None else target
     out_dir = out_dir or _run_directory(model, f"search-{algorithm}" + (f"-{chosen:g}" if chosen is not None else ""))
     report = _run_stages(model, [stage], {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen,
-                                          "seed": seed, "bos": bos, "evaluation": eval_data,
-                                          "eval_windows": eval_windows},
-                         out_dir, ppl=ppl, speed=speed, export_format=format, export_dtype=export_dtype,
-                         device=device, overwrite=overwrite, restart=restart)
+                                          "seed": seed},
+                         out_dir, run=run)
     found = next(s for s in report["stages"] if s.get("stage") == "search")
     table = Table(title=f"{found['algorithm']} front: KL to dense vs average sparsity")
     for column in ("average sparsity", "KL to dense", "uniform at that sparsity"):
