@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from .atomic import atomic_directory
+from .dtypes import resolve_dtype
 from .errors import SparseforgeError
 from .evaluation.report import peak_memory_mb, versions, write_report
 from .evaluation.speed import compare_with_settings
@@ -167,10 +166,9 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, checkpoints: Path, overwrit
             log("exporting")
             with _timed(timings, "export"):
                 description = save_model(handle, tmp / "model", recipe.export.format, recipe.export.dtype)
-            element = torch.empty((), dtype=getattr(torch, description["dtype"])).element_size()
             export = {"format": description["format"], "dtype": description["dtype"],
                       "weight_bytes": weight_file_bytes(tmp / "model"),
-                      "dense_bytes_same_dtype": after["parameters"]["total"] * element,
+                      "dense_bytes_same_dtype": after["parameters"]["total"] * resolve_dtype(description["dtype"]).itemsize,
                       "pruned_linear_bytes": pruned_weight_bytes(tmp / "model", description),
                       "directory_bytes": directory_bytes(tmp / "model")}
         timings["total"] = round(time.perf_counter() - started, 3)

@@ -197,18 +197,23 @@ def test_reconstruction_resumes_exactly(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_interrupted_training_resumes_to_the_same_result(tmp_path):
-    options = TRAIN | {"steps": 6, "lr": 1e-2, "checkpoint_every": 2, "checkpoint_dir": tmp_path / "ckpt"}
+def _reference_and_interrupted(options: dict, after_step: int):
+    """A run trained without checkpoints, and a checkpointed run of the same job interrupted after ``after_step``."""
     reference = pruned()
     sf.retrain(reference, **(options | {"checkpoint_dir": None}))
 
-    def stop_at_4(step):
-        if step == 3:
+    def interrupt(step):
+        if step == after_step:
             raise KeyboardInterrupt
 
-    interrupted = pruned()
     with pytest.raises(KeyboardInterrupt):
-        sf.retrain(interrupted, **options, on_step=stop_at_4)
+        sf.retrain(pruned(), **options, on_step=interrupt)
+    return reference
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path):
+    options = TRAIN | {"steps": 6, "lr": 1e-2, "checkpoint_every": 2, "checkpoint_dir": tmp_path / "ckpt"}
+    reference = _reference_and_interrupted(options, after_step=3)
     resumed = pruned()
     sf.retrain(resumed, **options)
     assert resumed.history[-1]["training"]["resumed_from_step"] == 4
@@ -220,15 +225,7 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path):
 @pytest.mark.parametrize("damaged", ["trainable.safetensors", "optimizer.pt"])
 def test_damaged_training_checkpoint_is_trained_again_not_used(tmp_path, capfd, damaged):
     options = TRAIN | {"steps": 4, "lr": 1e-2, "checkpoint_every": 2, "checkpoint_dir": tmp_path / "ckpt"}
-    reference = pruned()
-    sf.retrain(reference, **(options | {"checkpoint_dir": None}))
-
-    def stop_at_3(step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        sf.retrain(pruned(), **options, on_step=stop_at_3)
+    reference = _reference_and_interrupted(options, after_step=2)
     path = tmp_path / "ckpt" / damaged
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01

@@ -15,10 +15,10 @@ See ``docs/kernels.md`` for the design and the measured speed.
 from .convert import from_bitmask_export, from_nm_export
 from .dispatch import ISA_CHOICES, NATIVE_ISAS, isa_info
 from .layouts import BitmaskWeight, DenseWeight, KernelInputError, NMWeight, PackedWeight
-from .matmul import matmul
+from .matmul import PreparedMatmul, matmul
 from .packing import pack_bitmask, pack_dense, pack_nm
 from .reference import dequantize
 
 __all__ = ["BitmaskWeight", "DenseWeight", "ISA_CHOICES", "KernelInputError", "NATIVE_ISAS", "NMWeight",
-           "PackedWeight", "dequantize", "from_bitmask_export", "from_nm_export", "isa_info", "matmul",
+           "PackedWeight", "PreparedMatmul", "dequantize", "from_bitmask_export", "from_nm_export", "isa_info", "matmul",
            "pack_bitmask", "pack_dense", "pack_nm"]

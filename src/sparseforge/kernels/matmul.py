@@ -15,42 +15,56 @@ from .layouts import WINDOW, BitmaskWeight, DenseWeight, KernelInputError, NMWei
 from .reference import matmul as reference_matmul
 
 
-def _checked_inputs(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None):
-    if not isinstance(packed, (BitmaskWeight, NMWeight, DenseWeight)):
-        raise KernelInputError(f"packed must be a BitmaskWeight, NMWeight or DenseWeight, not {type(packed).__name__}")
-    out, in_features = packed.shape
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-        raise KernelInputError("x must be a floating-point tensor [..., in]")
-    if x.shape[-1] != in_features:
-        raise KernelInputError(f"x has {x.shape[-1]} inputs per row but the weight takes {in_features}")
-    if x.device.type != "cpu":
-        raise KernelInputError(f"x must be on the CPU, not {x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
-            raise KernelInputError(f"bias must be a tensor of shape [{out}], got {list(getattr(bias, 'shape', []))}")
-        bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    return x.detach().reshape(-1, in_features).to(torch.float32), bias
+class PreparedMatmul:
+    """``y = x @ W.T (+ bias)`` for one packed weight, with everything that does not depend on ``x`` settled once:
+    the layout and bias checked, the bias in float32, the instruction set chosen and the native call bound. A
+    model layer calls it once per token, so per-call work is only what ``x`` needs (flatten, float32, padding)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, isa: str = "auto"):
+        if not isinstance(packed, (BitmaskWeight, NMWeight, DenseWeight)):
+            raise KernelInputError(f"packed must be a BitmaskWeight, NMWeight or DenseWeight, not {type(packed).__name__}")
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (self.out_features,):
+                raise KernelInputError(f"bias must be a tensor of shape [{self.out_features}], "
+                                       f"got {list(getattr(bias, 'shape', []))}")
+            bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.bias = bias
+        self.pad = -self.in_features % WINDOW  # the kernels read x in whole windows of 32 inputs
+        target = resolve_isa(isa)
+        self._native = None if target is None else self._bind(native(), target)
+
+    def _bind(self, ops, target: str):
+        packed, bias, in_features = self.packed, self.bias, self.in_features
+        if isinstance(packed, BitmaskWeight):
+            return lambda x, y: ops.bitmask_matmul(x, y, packed.values, packed.masks, packed.offsets, in_features,
+                                                   bias, target)
+        if isinstance(packed, NMWeight):
+            return lambda x, y: ops.nm_matmul(x, y, packed.values, packed.positions, packed.pos_stride, packed.n,
+                                              packed.m, in_features, bias, target)
+        return lambda x, y: ops.dense_matmul(x, y, packed.values, bias, target)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise KernelInputError("x must be a floating-point tensor [..., in]")
+        if x.shape[-1] != self.in_features:
+            raise KernelInputError(f"x has {x.shape[-1]} inputs per row but the weight takes {self.in_features}")
+        if x.device.type != "cpu":
+            raise KernelInputError(f"x must be on the CPU, not {x.device}")
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        if self._native is None:
+            y = reference_matmul(rows, self.packed, self.bias)
+        else:
+            rows = torch.nn.functional.pad(rows, (0, self.pad)) if self.pad else rows.contiguous()
+            y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+            self._native(rows, y)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, isa: str = "auto"
            ) -> torch.Tensor:
     """x [..., in] @ W.T (+ bias) -> [..., out] float32. ``isa``: "auto", a name in
-    :data:`~.dispatch.NATIVE_ISAS` (forced), or "torch" (the PyTorch path)."""
-    rows, bias = _checked_inputs(x, packed, bias)
-    out, in_features = packed.shape
-    target = resolve_isa(isa)
-    if target is None:
-        y = reference_matmul(rows, packed, bias)
-    else:
-        pad = -in_features % WINDOW  # the kernels read x in whole windows of 32 inputs
-        xp = torch.nn.functional.pad(rows, (0, pad)) if pad else rows.contiguous()
-        y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-        ops = native()
-        if isinstance(packed, BitmaskWeight):
-            ops.bitmask_matmul(xp, y, packed.values, packed.masks, packed.offsets, in_features, bias, target)
-        elif isinstance(packed, NMWeight):
-            ops.nm_matmul(xp, y, packed.values, packed.positions, packed.pos_stride, packed.n, packed.m,
-                          in_features, bias, target)
-        else:
-            ops.dense_matmul(xp, y, packed.values, bias, target)
-    return y.reshape(*x.shape[:-1], out)
+    :data:`~.dispatch.NATIVE_ISAS` (forced), or "torch" (the PyTorch path). For many calls with one weight, build
+    a :class:`PreparedMatmul` once."""
+    return PreparedMatmul(packed, bias, isa)(x)

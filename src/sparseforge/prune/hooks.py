@@ -57,11 +57,16 @@ def register_hook(hook):
     return hook
 
 
-def _lookup(kind: type, name: str, what: str):
+def _registered(kind: type) -> dict:
+    """The hooks of one kind, once every method package has had the chance to register its own."""
     from ..registry import load_method_packages
 
     load_method_packages()
-    hooks = _HOOKS[kind]
+    return _HOOKS[kind]
+
+
+def _lookup(kind: type, name: str, what: str):
+    hooks = _registered(kind)
     if name not in hooks:
         raise PatternError(f"unknown {what} '{name}'; available: {', '.join(sorted(hooks)) or 'none'}")
     return hooks[name]
@@ -69,10 +74,7 @@ def _lookup(kind: type, name: str, what: str):
 
 def allocator(name: str) -> Allocator | None:
     """The allocator behind a calibrated allocation name; None for allocations that need no pass (uniform)."""
-    from ..registry import load_method_packages
-
-    load_method_packages()
-    return _HOOKS[Allocator].get(name)
+    return _registered(Allocator).get(name)
 
 
 def refinement(name: str) -> Refinement:
@@ -84,10 +86,7 @@ def repair(name: str) -> Repair:
 
 
 def refinement_names() -> tuple[str, ...]:
-    from ..registry import load_method_packages
-
-    load_method_packages()
-    return tuple(sorted(_HOOKS[Refinement]))
+    return tuple(sorted(_registered(Refinement)))
 
 
 def dataclass_options(cls, value, what: str):

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import SparseforgeError
 from ..evaluation.speed import weight_bytes_per_token
-from ..kernels import PackedWeight, matmul, pack_bitmask, pack_dense, pack_nm
+from ..kernels import PackedWeight, PreparedMatmul, pack_bitmask, pack_dense, pack_nm
 from ..kernels.layouts import NM_GROUP_SIZES
 from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
@@ -82,23 +82,22 @@ class _Timer:
         self.scratch = torch.ones(flush_mib * 2**20 // 4)
         self.memo: dict[tuple, tuple[float, float]] = {}
 
-    def _once(self, x: torch.Tensor, packed: PackedWeight) -> float:
+    def _once(self, x: torch.Tensor, product: PreparedMatmul) -> float:
         self.scratch.add_(1.0)  # evicts the weight from the caches
         start = time.perf_counter()
-        matmul(x, packed)
+        product(x)
         return time.perf_counter() - start
 
     def compare(self, key: tuple, sparse: PackedWeight, dense: PackedWeight) -> tuple[float, float]:
+        """Median microseconds of (sparse, dense), through the same prepared call a runtime layer makes."""
         if key not in self.memo:
             x = torch.randn(1, sparse.shape[1])
-            matmul(x, sparse), matmul(x, dense)  # warm-up (and the native build)
-            pairs = [(self._once(x, sparse), self._once(x, dense)) for _ in range(self.repeats)]
-            self.memo[key] = (statistics.median(p[0] for p in pairs) * 1e6, statistics.median(p[1] for p in pairs) * 1e6)
+            products = PreparedMatmul(sparse), PreparedMatmul(dense)
+            for product in products:  # warm-up (and the native build)
+                product(x)
+            pairs = [[self._once(x, product) for product in products] for _ in range(self.repeats)]
+            self.memo[key] = tuple(statistics.median(p[i] for p in pairs) * 1e6 for i in range(2))
         return self.memo[key]
-
-
-def _module_path(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 def _value_dtype(handle: LoadedModel) -> torch.dtype:
@@ -135,12 +134,14 @@ class SparseRuntime:
         counts: dict[str, int] = {}
         for layer in self.layers:
             counts[layer.layout] = counts.get(layer.layout, 0) + 1
-        return {"mode": self.mode, "layouts": counts, "lean_decode_layers": len(self.lean_layers), "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
+        return {"mode": self.mode, "layouts": counts, "lean_decode_layers": len(self.lean_layers),
+                "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
                 "layers": [asdict(layer) for layer in self.layers]}
 
     def describe(self) -> str:
-        layouts = ", ".join(f"{count} {layout}" for layout, count in self.summary()["layouts"].items())
-        read = weight_bytes_per_token(self.handle.model) / 2**20
+        summary = self.summary()
+        layouts = ", ".join(f"{count} {layout}" for layout, count in summary["layouts"].items())
+        read = summary["weight_bytes_per_token"] / 2**20
         return f"runtime {self.mode}: {layouts} weight matrices, {read:.1f} MiB of weights read per token"
 
     def save(self, directory: Path) -> None:
@@ -201,6 +202,7 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
         return sparse
 
     adapter = handle.adapter
+    path_of = {id(module): name for name, module in handle.model.named_modules()}  # one walk, not one per layer
     for index in range(adapter.num_blocks):
         for group in _groups(adapter, index, masks):
             weight = torch.cat([view.weight.detach().float() for view in group])
@@ -221,9 +223,9 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
                                                           member_bias is not None)
                     start += view.out_features
             for view in group:
-                paths[view.name] = _module_path(handle.model, view.module)
+                paths[view.name] = path_of[id(view.module)]
     head, embedding = adapter.lm_head(), adapter.embed_tokens()
-    head_path, embedding_path = _module_path(handle.model, head), _module_path(handle.model, embedding)
+    head_path, embedding_path = path_of[id(head)], path_of[id(embedding)]
     head_packed = pack_dense(head.weight.detach().float(), dtype)
     # the embeddings in half precision too; a tied head and embedding share one matrix, as before
     tied = adapter.tied_embeddings()

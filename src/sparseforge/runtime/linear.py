@@ -1,7 +1,7 @@
 """``SparseLinear``: a linear layer whose weight is held in a kernel layout (bitmask, N:M or dense fp16/bf16).
 
 It replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``) in a loaded model for inference: ``forward`` calls
-:func:`sparseforge.kernels.matmul`, which reads the compressed weight directly, accumulates in float32 and returns
+:class:`sparseforge.kernels.PreparedMatmul`, which reads the compressed weight directly, accumulates in float32 and returns
 float32, cast back to the activations' dtype. The module holds no dense copy of the weight, so the resident size of
 a pruned model falls towards its export size. It is for inference only: it has no trainable parameters.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import PackedWeight, dequantize, matmul
+from ..kernels import PackedWeight, PreparedMatmul, dequantize
 
 
 class SparseLinear(nn.Module):
@@ -23,6 +23,7 @@ class SparseLinear(nn.Module):
         self.layout = layout  # "bitmask", "nm" or "dense": what the kernel reads
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self.out_features, self.in_features = packed.shape
+        self._product = PreparedMatmul(packed, self.bias)  # checks and dispatch settled once, not per token
 
     @property
     def read_bytes(self) -> int:
@@ -36,7 +37,7 @@ class SparseLinear(nn.Module):
 
     def weight_counts(self) -> tuple[int, int]:
         """(weights, nonzero weights) held in the packed layout, bias included: for parameter statistics."""
-        nonzero = int(torch.count_nonzero(self.dense_weight()))
+        nonzero = int(torch.count_nonzero(self.packed.values))  # kept values (their padding is zeros)
         biases = 0 if self.bias is None else self.bias.numel()
         return self.out_features * self.in_features + biases, nonzero + biases
 
@@ -45,7 +46,7 @@ class SparseLinear(nn.Module):
         return dequantize(self.packed).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return matmul(x, self.packed, self.bias).to(x.dtype)
+        return self._product(x).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.layout} {self.packed.dtype}"
