@@ -6,7 +6,7 @@ evaluation windows as token ids; the last line on stdout is one JSON object, eve
 loguru log, warnings, tracebacks) goes to stderr.
 
     python llmcompressor_worker.py --model DIR --calibration calib.safetensors --evaluation eval.safetensors \
-        --method sparsegpt --sparsity 0.5 --pattern unstructured --threads 2 [--out-json F]
+        --method sparsegpt --sparsity 0.5 --pattern unstructured --threads 2 [--out-json F] [--save DIR]
 
 How the windows reach llm-compressor unchanged (checked against llmcompressor 0.14 source):
   * `--feed dataloader` (default) hands `oneshot` a DataLoader (batch 1, given order, default collator); oneshot
@@ -63,6 +63,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hand oneshot a tokenized datasets.Dataset (its LengthAwareSampler may permute equal-length "
                         "windows) or a DataLoader that keeps the given order")
     p.add_argument("--out-json", type=Path, default=None)
+    p.add_argument("--save", type=Path, default=None,
+                   help="also save the pruned model here as llm-compressor does (save_compressed=True: dense weights "
+                        "with zeros plus recipe.yaml), after the timings")
     p.add_argument("--log-level", default=os.environ.get("LLM_COMPRESSOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     for name in ("calibration", "evaluation"):
@@ -302,6 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mib_after_eval": _peak_rss_mib(),
         "param_dtypes": dtypes,
     }
+    if args.save is not None:
+        model.save_pretrained(str(args.save), save_compressed=True)  # llm-compressor's wrapper adds recipe.yaml
+        tokenizer.save_pretrained(str(args.save))
+        result["saved"] = sorted(f.name for f in args.save.iterdir())
     if args.out_json is not None:
         args.out_json.parent.mkdir(parents=True, exist_ok=True)
         args.out_json.write_text(json.dumps(result, indent=2) + "\n")

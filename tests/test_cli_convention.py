@@ -17,9 +17,9 @@ DOC = Path(__file__).parents[1] / "docs" / "cli.md"
 STAGE_COMMANDS = {"prune", "retrain", "shrink", "finercut", "skip calibrate", "factorize", "dst", "search"}
 STAGE_OPTIONS = {"--out", "--overwrite", "--restart", "--format", "--export-dtype", "--device", "--bos",
                  "--eval-data", "--eval-windows"}
-# what runs no model of its own: info reads a directory, run takes the device from the recipe, continual trains
-# small image backbones on the CPU
-NO_DEVICE = {"info", "run", "continual"}
+# what runs no model of its own: info reads a directory, export converts weights, run takes the device from the
+# recipe, continual trains small image backbones on the CPU
+NO_DEVICE = {"info", "export", "run", "continual"}
 
 
 def _commands(group=None, prefix=""):

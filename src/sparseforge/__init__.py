@@ -17,6 +17,7 @@ The Python API mirrors the command line::
     print(sf.generate(dense, "The capital of France is")["texts"])
     print(sf.evaluate(model, perplexity=True))
     sf.save_model(model, "out/model", format="auto")
+    sf.export_model(shrunk, "out/shrunk.gguf", format="gguf", gguf_type="q8_0")   # for llama.cpp
     sf.run_recipe(sf.load_recipe("recipes/demo.yaml"), "runs/demo")
 """
 
@@ -40,7 +41,8 @@ _LAZY = {
     "DynamicSparsity": (".dst", "DynamicSparsity"), "SparseTrainConfig": (".dst", "SparseTrainConfig"),
     "continual": (".dst", "continual"), "sparse_train_lm": (".dst", "sparse_train_lm"),
     "train_sparse": (".dst", "train_sparse"), "SparseforgeError": (".errors", "SparseforgeError"),
-    "save_model": (".export.saving", "save_model"), "LoadedModel": (".models.handle", "LoadedModel"),
+    "save_model": (".export.saving", "save_model"), "export_model": (".export.exporting", "export_model"),
+    "LoadedModel": (".models.handle", "LoadedModel"),
     "factorize": (".moe", "factorize_model"), "install_runtime": (".runtime", "install_runtime"),
     "prune": (".prune.pruner", "prune"), "Recipe": (".recipe", "Recipe"), "load_recipe": (".recipe", "load_recipe"),
     "parse_recipe": (".recipe", "parse_recipe"), "retrain": (".retrain.recovery", "retrain"),

@@ -740,6 +740,7 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
     Masks are what the export recorded; exact zeros are counted separately (a dense model has some)."""
     from .evaluation.stats import parameter_counts, sparsity_summary
     from .export.saving import read_format
+    from .interop import describe_checkpoint
     from .models.loading import load_model, resolve_model_directory
 
     handle = load_model(model, masks_from_zeros=masks_from_zeros)
@@ -762,6 +763,8 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
     description = read_format(resolve_model_directory(path)) if path.is_dir() else None
     if description:
         out.print(f"export format: {description['format']} ({description['dtype']})")
+    elif path.is_dir() and (foreign := describe_checkpoint(resolve_model_directory(path))):
+        out.print(foreign)
     table = Table(title="per-layer sparsity")
     for column in ("layer", "role", "shape", "exact zeros", "masked"):
         table.add_column(column, justify="left" if column in ("layer", "role", "shape") else "right")
@@ -770,6 +773,35 @@ def info(model: str = typer.Argument(..., help=MODEL_HELP),
         table.add_row(row["name"], row["role"], "x".join(map(str, row["shape"])), f"{row['sparsity']:.2%}",
                       "-" if mask is None else f"{1 - mask.float().mean().item():.2%}")
     out.print(table)
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out_path: str = typer.Option(..., "--out", help="output: a directory, or a .gguf file for --format gguf"),
+    format: str = typer.Option("auto", help="auto (smallest exact sparseforge format), dense, bitmask, nm, or gguf "
+                                            "(llama.cpp)"),
+    export_dtype: Optional[str] = EXPORT_DTYPE,
+    gguf_type: str = typer.Option("f16", help="tensor type of a GGUF file's matrices: f16, bf16, f32, q8_0"),
+    masks_from_zeros: bool = typer.Option(False, "--masks-from-zeros", help=MASKS_FROM_ZEROS_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output written by sparseforge"),
+) -> None:
+    """Write a model in another format: a sparseforge directory (dense, bitmask, nm) or a GGUF file for llama.cpp.
+
+    Reads anything `info` reads, llm-compressor's output and compressed-tensors sparse checkpoints included, so a
+    model pruned elsewhere becomes a compact export, and a shrunk model a GGUF file."""
+    from .evaluation.stats import weight_file_bytes
+    from .export.exporting import export_model
+    from .models.loading import load_model
+
+    handle = load_model(model, masks_from_zeros=masks_from_zeros)
+    written = export_model(handle, out_path, format=format, dtype=export_dtype, gguf_type=gguf_type,
+                           overwrite=overwrite)
+    for warning in written.get("warnings", []):
+        console.print(f"warning: {warning}")
+    size = written.get("bytes") or weight_file_bytes(Path(out_path))
+    detail = written.get("tensor_type") or written.get("dtype")
+    out.print(f"wrote {out_path}: format {written['format']} ({detail}), {size / 2**20:.1f} MiB of weights")
 
 
 @app.command()

@@ -7,13 +7,14 @@ Each encoding turns a (weight, mask) pair into a few tensors for a safetensors f
 * ``nm``: for a mask with exactly N kept in every group of M consecutive inputs, N values per group plus the
   group's layout as its rank among the C(M, N) possible ones, packed in ceil(log2 C(M, N)) bits.
 
-Encodings work in the [out, in] orientation (the mask's); the caller transposes Conv1D weights.
+Encodings work in the [out, in] orientation (the mask's); the caller transposes Conv1D weights. Decoding lives in
+:mod:`sparseforge.export.reader`, the standalone reader anyone can copy (``docs/formats.md`` specifies the layouts),
+so the loader and that reader cannot disagree.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,14 +23,11 @@ import numpy as np
 import torch
 
 from ..sparsity.patterns import nm_group_counts
+from .reader import decode_bitmask, decode_nm, layout_codes, rank_bits
 
 
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(np.uint8)))
-
-
-def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
 
 
 def _pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -37,11 +35,6 @@ def _pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(bits - 1, -1, -1)
     as_bits = (values.reshape(-1, 1).to(torch.int64) >> shifts) & 1
     return torch.from_numpy(np.packbits(as_bits.to(torch.uint8).numpy().reshape(-1)))
-
-
-def _unpack_uint(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    as_bits = torch.from_numpy(np.unpackbits(packed.numpy(), count=count * bits).astype(np.int64))
-    return (as_bits.reshape(count, bits) << torch.arange(bits - 1, -1, -1)).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -69,19 +62,12 @@ def _bitmask_encode(w: torch.Tensor, mask: torch.Tensor, params: dict) -> dict[s
     return {"values": w[mask].contiguous(), "bitmask": _pack_bits(mask)}
 
 
-def _bitmask_decode(t: dict, shape: tuple[int, int], params: dict, dtype: torch.dtype):
-    mask = _unpack_bits(t["bitmask"], shape[0] * shape[1]).reshape(shape)
-    w = torch.zeros(shape, dtype=dtype)
-    w[mask] = t["values"]
-    return w, mask
-
-
 BITMASK = Encoding(
     name="bitmask",
     applicable=lambda mask: {},
     nbytes=lambda mask, esize, p: int(mask.sum()) * esize + math.ceil(mask.numel() / 8),
     encode=_bitmask_encode,
-    decode=_bitmask_decode,
+    decode=lambda t, shape, p, dtype: decode_bitmask(t["values"], t["bitmask"], shape, dtype),
 )
 
 
@@ -92,16 +78,12 @@ _NM_GROUP_SIZES = (4, 8, 16)
 
 
 @functools.lru_cache(maxsize=None)
-def _layouts(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(layout bits of each rank [C], rank of each M-bit pattern [2**M] or -1)."""
-    codes = torch.tensor([sum(1 << p for p in combo) for combo in itertools.combinations(range(m), n)])
+def _rank_of_code(n: int, m: int) -> torch.Tensor:
+    """The rank of each M-bit layout code [2**M] (-1 for codes that do not keep exactly N)."""
+    codes = layout_codes(n, m)
     rank_of = torch.full((1 << m,), -1, dtype=torch.int64)
     rank_of[codes] = torch.arange(len(codes))
-    return codes, rank_of
-
-
-def _rank_bits(n: int, m: int) -> int:
-    return max(1, math.ceil(math.log2(math.comb(m, n))))
+    return rank_of
 
 
 def _nm_params(mask: torch.Tensor) -> dict | None:
@@ -114,7 +96,7 @@ def _nm_params(mask: torch.Tensor) -> dict | None:
         n = int(counts[0, 0])
         if n == 0 or n == m or not bool((counts == n).all()):
             continue
-        cost = _rank_bits(n, m) / m  # mask bits per weight; the values cost the same for every M
+        cost = rank_bits(n, m) / m  # mask bits per weight; the values cost the same for every M
         if best is None or cost < best[0]:
             best = (cost, {"n": n, "m": m})
     return None if best is None else best[1]
@@ -122,27 +104,18 @@ def _nm_params(mask: torch.Tensor) -> dict | None:
 
 def _nm_nbytes(mask: torch.Tensor, esize: int, p: dict) -> int:
     groups = mask.numel() // p["m"]
-    return groups * p["n"] * esize + math.ceil(groups * _rank_bits(p["n"], p["m"]) / 8)
+    return groups * p["n"] * esize + math.ceil(groups * rank_bits(p["n"], p["m"]) / 8)
 
 
 def _nm_encode(w: torch.Tensor, mask: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
     n, m = p["n"], p["m"]
     codes = (mask.reshape(-1, m).to(torch.int64) << torch.arange(m)).sum(dim=1)
-    ranks = _layouts(n, m)[1][codes]
+    ranks = _rank_of_code(n, m)[codes]
     # values of each row in ascending column order: N per group, so the tensor is [out, in * N / M]
-    return {"values": w[mask].reshape(mask.shape[0], -1).contiguous(), "layouts": _pack_uint(ranks, _rank_bits(n, m))}
+    return {"values": w[mask].reshape(mask.shape[0], -1).contiguous(), "layouts": _pack_uint(ranks, rank_bits(n, m))}
 
 
-def _nm_decode(t: dict, shape: tuple[int, int], p: dict, dtype: torch.dtype):
-    n, m = p["n"], p["m"]
-    groups = shape[0] * shape[1] // m
-    codes = _layouts(n, m)[0][_unpack_uint(t["layouts"], _rank_bits(n, m), groups)]
-    mask = ((codes.reshape(-1, 1) >> torch.arange(m)) & 1).bool().reshape(shape)
-    w = torch.zeros(shape, dtype=dtype)
-    w[mask] = t["values"].reshape(-1)
-    return w, mask
-
-
-NM = Encoding(name="nm", applicable=_nm_params, nbytes=_nm_nbytes, encode=_nm_encode, decode=_nm_decode)
+NM = Encoding(name="nm", applicable=_nm_params, nbytes=_nm_nbytes, encode=_nm_encode,
+              decode=lambda t, shape, p, dtype: decode_nm(t["values"], t["layouts"], shape, p["n"], p["m"], dtype))
 
 ENCODINGS: dict[str, Encoding] = {e.name: e for e in (DENSE, BITMASK, NM)}

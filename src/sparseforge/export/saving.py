@@ -14,7 +14,6 @@ The directory is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from ..errors import CorruptCheckpointError, SparseforgeError
 from ..sparsity.masks import release_masks
 from .formats import ENCODINGS
 from .integrity import check_safetensors_file, sha256_of
+from .reader import manifest_digest
 
 
 class Exportable(Protocol):
@@ -150,13 +150,6 @@ def save_model(handle: Exportable, out_dir: str | Path, format: str = "auto", dt
         for attachment in handle.attachments.values():  # a skip policy, routers: they travel with their weights
             attachment.save(tmp)
     return description
-
-
-def manifest_digest(description: dict) -> str:
-    """SHA-256 of the manifest itself (canonical JSON, without this digest): the weights' checksums are only as
-    good as the manifest that says how to read them."""
-    body = {k: v for k, v in description.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _schema_problem(description) -> str | None:

@@ -6,7 +6,7 @@ dense weight: a saved ``bitmask`` or ``nm`` tensor becomes a :class:`~.layouts.B
   first, rows not byte-aligned. Each 32-bit runtime word is read as 5 bytes of that stream at its bit offset and
   bit-reversed, so the conversion costs O(out * in / 32) integer operations.
 * ``nm`` export: kept values ``[out, in * n / m]`` plus each group's layout rank in ``ceil(log2 C(m, n))`` bits.
-  Ranks are decoded with the export's own ``_unpack_uint`` and ``_layouts``, a block of rows at a time.
+  Ranks are decoded with the export's own ``unpack_uint`` and ``layout_codes``, a block of rows at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ..export.formats import _layouts, _rank_bits, _unpack_uint
+from ..export.reader import layout_codes, rank_bits, unpack_uint
 from .layouts import (NM_GROUP_SIZES, WINDOW, BitmaskWeight, KernelInputError, NMWeight, check_value_dtype,
                       popcount32)
 from .packing import nm_weight, offsets_from_counts, with_value_pad
@@ -86,7 +86,7 @@ def from_nm_export(values: torch.Tensor, layouts: torch.Tensor, shape: tuple[int
     if m not in NM_GROUP_SIZES or not 1 <= n < m or in_features % m:
         raise KernelInputError(f"an nm export has m in {NM_GROUP_SIZES}, 1 <= n < m and whole groups; got {n}:{m} "
                                f"with {in_features} inputs")
-    groups, bits = in_features // m, _rank_bits(n, m)
+    groups, bits = in_features // m, rank_bits(n, m)
     kept = out * groups * n
     if values.numel() != kept:
         raise KernelInputError(f"{n}:{m} of shape {(out, in_features)} keeps {kept} weights but {values.numel()} "
@@ -94,14 +94,14 @@ def from_nm_export(values: torch.Tensor, layouts: torch.Tensor, shape: tuple[int
     if layouts.dtype != torch.uint8 or layouts.numel() != math.ceil(out * groups * bits / 8):
         raise KernelInputError(f"layouts must be {math.ceil(out * groups * bits / 8)} packed uint8 bytes, got "
                                f"{layouts.dtype} {list(layouts.shape)}")
-    codes, _ = _layouts(n, m)
+    codes = layout_codes(n, m)
     in_group = ((codes[:, None] >> torch.arange(m)) & 1).nonzero()[:, 1].reshape(-1, n)  # rank -> kept lanes
     stream = layouts.detach().cpu().reshape(-1)
     pos = []
     for r0 in range(0, out, _NM_ROWS_PER_BLOCK):
         rows = min(_NM_ROWS_PER_BLOCK, out - r0)
         first = r0 * groups * bits // 8
-        ranks = _unpack_uint(stream[first:first + math.ceil(rows * groups * bits / 8)], bits, rows * groups)
+        ranks = unpack_uint(stream[first:first + math.ceil(rows * groups * bits / 8)], bits, rows * groups)
         if bool((ranks >= len(codes)).any()):
             raise KernelInputError(f"layouts hold a rank >= C({m}, {n}) = {len(codes)}: not an {n}:{m} export")
         pos.append(in_group[ranks].reshape(rows, groups * n))

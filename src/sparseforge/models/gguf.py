@@ -9,13 +9,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import CorruptCheckpointError
 from .adapters import check_supported
+from .rebuild import model_from_state
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     """Load a GGUF file as an ordinary (de-quantised) model plus its tokenizer.
 
     transformers marks GGUF-loaded models with a ``quantization_config`` and then refuses ``save_pretrained``; we
-    rebuild the model from a clean config and copy the de-quantised weights in, which gives identical logits.
+    rebuild the model from a clean config and copy the de-quantised weights in (:mod:`.rebuild`), which gives
+    identical logits.
     """
     path = Path(path)
     kwargs = dict(gguf_file=path.name)
@@ -26,14 +28,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     except (ValueError, OSError, KeyError) as exc:
         raise CorruptCheckpointError(f"cannot read GGUF file {path}: {exc}") from None
-    clean = gguf_model.config.to_dict()
-    clean.pop("quantization_config", None)
-    clean.pop("_name_or_path", None)
-    config = type(gguf_model.config).from_dict(clean)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(gguf_model.state_dict())
-    model.eval()
-    return model, tokenizer
+    return model_from_state(gguf_model.config, gguf_model.state_dict(), dtype, str(path)), tokenizer
 
 
 def converted_gguf_directory(path: Path) -> Path:

@@ -1,13 +1,14 @@
 """``load_model(spec)``: one entry point for every kind of model a user can name.
 
 Accepted specs: ``default`` (the embedded SmolLM2-135M-Instruct), ``tiny-<family>`` (random test models), a
-``.gguf`` file, a sparseforge run or export directory, a local Hugging Face directory, or a Hub id. The
-architecture is checked from the config before any weights are read, and every loaded model is checked for
-NaN/Inf weights.
+``.gguf`` file, a sparseforge run or export directory, a compressed-tensors checkpoint (legacy sparse layouts),
+a local Hugging Face directory (with llm-compressor's ``recipe.yaml``, its masks), or a Hub id. The architecture
+is checked from the config before any weights are read, and every loaded model is checked for NaN/Inf weights.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -18,11 +19,13 @@ from ..errors import CorruptCheckpointError, InvalidWeightsError, ModelNotFoundE
 from ..export.integrity import check_safetensors_dir
 from ..dtypes import resolve_dtype
 from ..export.saving import load_exported_state, read_format, verify_weights
+from ..interop import compressed_tensors, llmcompressor
 from .adapters import adapter_for, check_supported
 from .attachments import restore_attachments
 from .default import default_model_dir
 from .gguf import converted_gguf_directory
 from .handle import LoadedModel
+from .rebuild import model_from_state
 from .structure import STRUCTURE_KEY, apply_structure
 from .tiny import build_tiny
 
@@ -104,12 +107,52 @@ def _load_exported(directory: Path, description: dict, dtype: torch.dtype | None
 
 def _masks_from_zeros(handle: LoadedModel) -> None:
     """Read the exact zeros of linears without a recorded mask as their masks (a model pruned elsewhere and saved
-    dense); only linears that have zeros get one. Asked for explicitly, never done by default."""
+    dense); only linears that have zeros get one. Asked for explicitly, never done by default: a de-quantised
+    model's zeros are not a pruning mask."""
+    found = False
     for view in handle.adapter.linears():
         if view.name not in handle.masks:
             kept = view.weight.detach() != 0
             if not bool(kept.all()):
                 handle.masks[view.name] = kept.cpu()
+                found = True
+    if not found and not handle.masks:
+        raise SparseforgeError(f"--masks-from-zeros: {handle.source} has no exact zeros in any linear layer, so there "
+                               "is no mask to read (was it pruned?)")
+
+
+def _load_compressed_tensors(directory: Path, block: dict, dtype: torch.dtype) -> LoadedModel:
+    """A compressed-tensors checkpoint: sparse modules decoded with their bitmasks as masks; quantized ones refused."""
+    fmt = compressed_tensors.sparsity_format(block, str(directory))
+    config = _read_config(str(directory), trust_remote_code=False)
+    check_safetensors_dir(directory)
+    state, masks = compressed_tensors.read_state(directory, fmt)
+    model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}, dtype, str(directory))
+    handle = LoadedModel(model, _load_tokenizer(str(directory), trust_remote_code=False), source=str(directory))
+    for view in handle.adapter.linears():
+        if f"{view.name}.weight" in masks:
+            handle.masks[view.name] = masks[f"{view.name}.weight"].t() if view.transposed else \
+                masks[f"{view.name}.weight"]
+    return handle
+
+
+def _recipe_masks(handle: LoadedModel, directory: Path) -> None:
+    """llm-compressor's dense output: the masks of exactly the modules its recipe's sparsity modifiers targeted."""
+    modifiers = llmcompressor.read_recipe(directory)
+    if modifiers is None:
+        return
+    linears = {v.name: (llmcompressor.module_lineage(handle.model, v.name), v.weight)
+               for v in handle.adapter.linears()}
+    handle.masks.update(llmcompressor.recipe_masks(linears, modifiers, str(directory)))
+
+
+def _config_json(directory: Path) -> dict:
+    """The raw ``config.json`` (before transformers reads it: a compressed-tensors block changes how to load)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: the ordinary path reports it
+    return config if isinstance(config, dict) else {}
 
 
 def resolve_model_directory(path: Path) -> Path:
@@ -169,11 +212,16 @@ def load_model(spec: str, dtype: str | torch.dtype | None = None, trust_remote_c
         elif path.is_dir():
             directory = resolve_model_directory(path)
             description = read_format(directory)
+            block = compressed_tensors.compression_config(_config_json(directory))
             if description is not None:
                 handle = _load_exported(directory, description, torch_dtype)
+            elif block is not None:
+                handle = _load_compressed_tensors(directory, block, load_dtype)
             else:
                 model, tokenizer = _load_hf(str(directory), load_dtype, trust_remote_code)
                 handle = LoadedModel(model, tokenizer, source=str(directory))
+            if description is None:
+                _recipe_masks(handle, directory)
         elif path.exists() or not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
             raise ModelNotFoundError(f"no such model directory or file: {spec}")
         else:
