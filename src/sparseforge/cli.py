@@ -122,7 +122,8 @@ def _run_directory(model: str, suffix: str) -> str:
 
 
 def _default_out(model: str, method: str, pattern: str, sparsity: Optional[float]) -> str:
-    amount = pattern.replace(":", "of") if pattern != "unstructured" else f"{sparsity:g}"
+    amount = pattern.replace(":", "of") if pattern != "unstructured" else \
+        "per-block" if sparsity is None else f"{sparsity:g}"
     return _run_directory(model, f"{method}-{amount}")
 
 
@@ -165,7 +166,8 @@ def _print_summary(report: dict, out_dir: str) -> None:
 @stage_command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    method: str = typer.Option("magnitude", help="magnitude (no data), wanda, or sparsegpt"),
+    method: str = typer.Option("magnitude", help="magnitude (no data), wanda, sparsegpt, admm (Wanda's mask + ADMM "
+                                                 "weight update), admm-gradual, or alps"),
     sparsity: Optional[float] = typer.Option(None, help="fraction of prunable weights to remove, in [0, 1); "
                                                          "default 0.5 for unstructured, implied by N:M"),
     pattern: str = typer.Option("unstructured", help="'unstructured' or N:M (N kept of every M inputs), e.g. 2:4"),
@@ -173,6 +175,8 @@ def prune(
                                            help="unstructured threshold per output row or per layer "
                                                 "(default: the method's choice, per row for wanda)"),
     allocation: str = typer.Option("uniform", help="how sparsity is spread over blocks: uniform or owl"),
+    block_sparsity: Optional[str] = typer.Option(None, help="explicit per-block sparsities instead: '0.6,0.7,...', a "
+                                                            ".json file, or a search run directory"),
     refine: Optional[str] = typer.Option(None, help="training-free mask refinement after pruning: dsnot"),
     calibration: str = CALIBRATION,
     nsamples: int = NSAMPLES,
@@ -193,10 +197,11 @@ def prune(
     """
     from .prune.pruner import DEFAULT_SPARSITY
 
-    if sparsity is None and pattern == "unstructured":
+    if sparsity is None and pattern == "unstructured" and block_sparsity is None:
         sparsity = DEFAULT_SPARSITY
     stages = [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
-                         "allocation": allocation, "refine": refine, "order": order, "batch_size": batch_size}}]
+                         "allocation": allocation, "refine": refine, "order": order, "batch_size": batch_size,
+                         **({"block_sparsity": block_sparsity} if block_sparsity is not None else {})}}]
     if reconstruct is not None:
         stages.append({"retrain": {"method": "reconstruct", "steps": reconstruct}})
     _run_stages(model, stages, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},

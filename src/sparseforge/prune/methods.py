@@ -1,9 +1,10 @@
 """One-shot pruning methods, registered by name: how a group of linears sharing one input becomes sparse.
 
 A method either scores weights and lets the pattern pick the mask (magnitude, Wanda), or solves for the mask and
-new weights together (SparseGPT). Either way it receives the linears of one shared-input group, their input
-statistics (``None`` for data-free methods) and one target sparsity per linear, and returns one mask per linear
-after zeroing (and, for solvers, updating) the weights in place.
+new weights together (SparseGPT, the ADMM family, ALPS). Either way it receives the linears of one shared-input
+group, their input statistics (``None`` for data-free methods), one target sparsity per linear and its options
+(those of the option set it names in ``options``), and returns one mask per linear after zeroing (and, for
+solvers, updating) the weights in place.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..errors import PatternError
 from ..models.adapters import LinearView
 from ..sparsity.masks import apply_mask
 from ..sparsity.patterns import Pattern
-from . import sparsegpt
+from . import admm, sparsegpt
 from .scorers import SCORERS
 from ..calibration.statistics import InputStatistics
 
@@ -38,6 +39,7 @@ class Method:
     needs: frozenset[str]
     default_per_row: bool
     description: str
+    options: str | None = None  # the option set it reads (``prune(..., sparsegpt={...})``), if any
 
     @property
     def needs_calibration(self) -> bool:
@@ -69,14 +71,38 @@ def _sparsegpt(views, stats, pattern, sparsities, options) -> GroupResult:
     factor = stats.cache[key]
     stacked = torch.cat([view.weight.detach() for view in views], dim=0)
     result = sparsegpt.solve(stacked, factor, pattern, sparsities, [v.out_features for v in views], config, name)
+    return GroupResult(_write_back(views, result.weight, result.mask), factor.events if fresh else [])
+
+
+def _write_back(views: list[LinearView], weight: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copy the solved rows of stacked ``weight`` back into each linear; returns each linear's mask."""
     masks, start = {}, 0
     with torch.no_grad():
         for view in views:
             stop = start + view.out_features
-            view.weight.copy_(result.weight[start:stop].to(view.weight.dtype))
-            masks[view.name] = result.mask[start:stop]
+            view.weight.copy_(weight[start:stop].to(view.weight.dtype))
+            masks[view.name] = mask[start:stop]
             start = stop
-    return GroupResult(masks, factor.events if fresh else [])
+    return masks
+
+
+def _admm(mode: str) -> PruneGroup:
+    def prune_group(views, stats, pattern, sparsities, options) -> GroupResult:
+        name = "+".join(v.name for v in views)
+        config = admm.ADMMConfig(**options).check(name)
+        key = ("admm", config.dampening)
+        if key not in stats.cache:  # one eigendecomposition per shared input
+            stats.cache[key] = admm.prepare(stats.hessian_matrix(), config.dampening)
+        mask = None
+        if mode == "fixed":
+            scorer = SCORERS[config.mask]
+            mask = torch.cat([pattern.mask(scorer(view, stats), s) for view, s in zip(views, sparsities)])
+        stacked = torch.cat([view.weight.detach() for view in views], dim=0)
+        weight, mask, _ = admm.solve(stacked, stats.cache[key], pattern, sparsities,
+                                         [v.out_features for v in views], config, mode, mask)
+        return GroupResult(_write_back(views, weight, mask))
+
+    return prune_group
 
 
 METHODS: dict[str, Method] = {
@@ -84,7 +110,13 @@ METHODS: dict[str, Method] = {
     "wanda": Method("wanda", _scored("wanda"), frozenset({"norms"}), True,
                     "|W| * ||X|| compared within each output row; no weight update"),
     "sparsegpt": Method("sparsegpt", _sparsegpt, frozenset({"hessian"}), False,
-                        "OBS pruning with inverse-Hessian weight compensation"),
+                        "OBS pruning with inverse-Hessian weight compensation", "sparsegpt"),
+    "admm": Method("admm", _admm("fixed"), frozenset({"hessian"}), True,
+                   "a scorer's mask (Wanda by default), then an ADMM weight update and PCG polish", "admm"),
+    "admm-gradual": Method("admm-gradual", _admm("gradual"), frozenset({"hessian"}), True,
+                           "ADMM choosing the mask as sparsity ramps up (Boža 2024), then PCG polish", "admm"),
+    "alps": Method("alps", _admm("alps"), frozenset({"hessian"}), False,
+                   "ADMM with projection on the target and an adaptive penalty (ALPS), then PCG polish", "admm"),
 }
 
 

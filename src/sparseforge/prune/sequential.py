@@ -56,6 +56,7 @@ class SequentialPlan:
     order: str = "sublayer"
     repair: Repair | None = None
     repair_options: Any = None
+    block_sparsity: list[float] | None = None  # given per block (a searched allocation); else the allocator's
 
     @property
     def refine(self) -> str | None:
@@ -69,7 +70,8 @@ class SequentialPlan:
                 "refine": self.refine, "refine_options": _plain(self.refine_options) if self.refinement else None,
                 "method_options": self.method_options, "batch_size": self.batch_size, "order": self.order,
                 "repair": self.repair.name if self.repair else None,
-                "repair_options": _plain(self.repair_options) if self.repair else None}
+                "repair_options": _plain(self.repair_options) if self.repair else None,
+                "block_sparsity": self.block_sparsity}
 
     @property
     def needs(self) -> frozenset[str]:
@@ -141,7 +143,8 @@ def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = 
     adapter = handle.adapter
     for index in tqdm(range(adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                       disable=not progress, unit="block"):
-        block = _BlockPruner(handle, plan, index, plan.sparsity)
+        sparsity = plan.block_sparsity[index] if plan.block_sparsity else plan.sparsity
+        block = _BlockPruner(handle, plan, index, sparsity)
         for name in block.views:
             block.prune([name], None)
 
@@ -194,7 +197,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         checkpoint.save_state(allocated=plan.allocator.allocate(blocks, hidden, plan.sparsity,
                                                                 plan.allocation_options, progress))
     allocated = checkpoint.state.get("allocated") or {}
-    block_sparsity = allocated.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
+    block_sparsity = plan.block_sparsity or allocated.get("block_sparsity") or [plan.sparsity] * adapter.num_blocks
     # what the blocks before ``first`` contributed (marks[i]: the running totals once block i was finished)
     marks: list[dict] = list(checkpoint.state.get("marks", []))[:first]
     if first and len(marks) < first:  # a checkpoint from before marks were recorded: nothing was rolled back

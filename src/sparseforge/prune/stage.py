@@ -13,6 +13,7 @@ from ..sparsity.patterns import parse_pattern, resolve_sparsity
 from ..stages import StageContext, StageSpec, register_stage
 from .dsnot import DSnoTConfig  # importing OWL and DSnoT registers their pipeline hooks
 from .hooks import refinement_names
+from .admm import ADMMConfig
 from .owl import OWLConfig
 from .methods import METHODS
 from .pruner import ORDERS, check_calibration_memory, check_prune_request, method_options, prune
@@ -33,6 +34,11 @@ class PruneStage(StrictSettings):
     dsnot: dict = Field(default_factory=dict,
                         description=f"DSnoT options: {', '.join(DSnoTConfig.__dataclass_fields__)}")
     sparsegpt: dict = Field(default_factory=dict, description="SparseGPT options: block_size, dampening")
+    admm: dict = Field(default_factory=dict, description="options of admm, admm-gradual and alps: "
+                                                         f"{', '.join(ADMMConfig.__dataclass_fields__)}")
+    block_sparsity: list[float] | str | None = Field(
+        None, description="explicit per-block sparsities (unstructured): a list, a .json file, or a search run "
+                          "directory; sparsity is then their mean")
 
     @field_validator("method")
     @classmethod
@@ -52,8 +58,9 @@ class PruneStage(StrictSettings):
     @model_validator(mode="after")
     def _valid_pattern(self) -> "PruneStage":
         try:
-            resolve_sparsity(parse_pattern(self.pattern, bool(self.per_row)), self.sparsity)
-            method_options(self.owl, self.dsnot, self.sparsegpt)
+            if self.block_sparsity is None:  # checked against the model's depth in preflight
+                resolve_sparsity(parse_pattern(self.pattern, bool(self.per_row)), self.sparsity)
+            method_options(self.owl, self.dsnot, self.sparsegpt, self.admm)
         except SparseforgeError as exc:
             raise ValueError(str(exc)) from None
         return self
@@ -73,14 +80,16 @@ def run_prune_stage(handle, config: PruneStage, context: StageContext) -> None:
           allocation=config.allocation, refine=config.refine, calibration=data.calibration, nsamples=data.nsamples,
           seqlen=data.seqlen, seed=data.seed, batch_size=config.batch_size, order=config.order,
           checkpoint_dir=context.checkpoint_dir, owl=config.owl, dsnot=config.dsnot, sparsegpt=config.sparsegpt,
-          reconstruct=_fused_reconstruction(context), progress=context.progress)
+          admm=config.admm, block_sparsity=config.block_sparsity, reconstruct=_fused_reconstruction(context),
+          progress=context.progress)
 
 
 def preflight_prune_stage(handle, config: PruneStage, recipe) -> None:
     """The pattern against every layer's width, the options, and the calibration set against free memory."""
     _, needs_calibration = check_prune_request(
         handle, config.method, config.sparsity, config.pattern, config.per_row, config.allocation, config.refine,
-        config.owl, config.dsnot, config.sparsegpt, config.batch_size, config.order)
+        config.owl, config.dsnot, config.sparsegpt, config.batch_size, config.order, admm=config.admm,
+        block_sparsity=config.block_sparsity)
     if needs_calibration:
         check_calibration_memory(handle, recipe.data.nsamples, recipe.data.seqlen)
 
@@ -93,8 +102,9 @@ def report_prune_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
     if calibration:
         lines.append(f"- calibration: {calibration['windows']} windows x {calibration['seqlen']} tokens, "
                      f"order `{stage.get('order')}`, {stage.get('seconds', 0):.1f} s")
-    if stage.get("allocation") == "owl" and stage.get("block_sparsity"):
-        lines.append("- OWL block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
+    if stage.get("allocation") in ("owl", "explicit") and stage.get("block_sparsity"):
+        source = "OWL" if stage["allocation"] == "owl" else "given"
+        lines.append(f"- {source} block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
     if stage.get("refine_swaps") is not None:
         lines.append(f"- {stage['refine']} swaps: {stage['refine_swaps']:,}")
     if stage.get("resumed_from_block"):

@@ -23,6 +23,7 @@ from ..assets import cache_dir as default_cache_root
 from ..data.sources import load_corpus
 from ..data.windows import calibration_windows, tokenize_corpus
 from ..errors import SearchError
+from ..models.fingerprint import model_fingerprint
 from ..models.handle import LoadedModel
 from ..prune.methods import get_method
 from ..calibration.data import calibration_data
@@ -249,7 +250,9 @@ def search(handle: LoadedModel, config: SearchConfig | dict | None = None, pick:
     if chosen_target is None:
         raise SearchError("say which point of the front to keep: give pick (an average sparsity) or a target")
     config.check(handle).check_target(chosen_target)  # a pick outside the levels is refused before the search
+    fingerprint = model_fingerprint(handle.adapter)  # of the searched model, before it is pruned
     result, _, meter = run_search(handle, config, calibration, nsamples, seqlen, seed, log, progress)
+    result["model"] = fingerprint  # prune(block_sparsity=<this run>) refuses to apply the allocation elsewhere
     picked = pick_point(result["front"], chosen_target)
     meter.bank.commit(picked["sparsities"])
     result["picked"] = {"target": chosen_target, **picked}
