@@ -175,18 +175,19 @@ def llmcompressor_part(args, windows, tmp: Path, sizes: dict) -> list[str]:
         ppl_perp = _ppl(handle, windows)
         sizes[f"llm-compressor {method} {pattern} output (dense {result['param_dtypes']})"] = weight_file_bytes(saved)
         label = f"{method} {'50%' if pattern == 'unstructured' else pattern}"
+        theirs = f"{result['perplexity']:.4f} (transformers {result['transformers_version']})"
         rows.append([label, result["llmcompressor_version"], ", ".join(result["saved"]), len(handle.masks), equal,
-                     f"{result['perplexity']:.4f}", f"{ppl:.4f}", f"{ppl / result['perplexity']:.6f}",
+                     theirs, f"{ppl:.4f}", f"{ppl / result['perplexity']:.6f}",
                      f"{ppl_perp:.3f} ({args.perp_steps} steps)", kept])
         print(rows[-1], flush=True)
     return [markdown_table(["llm-compressor run", "version", "files it saved", "masks read from recipe",
-                            "masks = nonzeros of targeted linears", "ppl in its env (transformers 4.x)",
+                            "masks = nonzeros of targeted linears", "ppl in llm-compressor's env",
                             "ppl in sparseforge", "ratio", "ppl after PERP", "masks kept by PERP"], rows)]
 
 
 # ---- standalone reader ----------------------------------------------------------------------------------------
 _READ_IN_PLAIN_TRANSFORMERS = """
-import json, sys, torch, subprocess
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file, save_file
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
@@ -198,32 +199,46 @@ import transformers; print(json.dumps({"transformers": transformers.__version__}
 
 
 def reader_part(args, windows, tmp: Path) -> list[str]:
+    """reader.py runs in the compressed-tensors environment, where sparseforge is not installed. Its output is
+    loaded by plain transformers twice: there (4.57) next to our dense export of the same weights, and here (5.x)
+    next to sparseforge's own loading. transformers 4.x reads the rotary base of a config written by 5.x wrongly
+    (it knows no ``rope_parameters``), so 4.x is compared with our dense export, which shares that config."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     python = _ct_python()
     reader = HERE.parent / "src" / "sparseforge" / "export" / "reader.py"
+    script = tmp / "logits.py"
+    script.write_text(_READ_IN_PLAIN_TRANSFORMERS)
     rows = []
     handle = sf.load_model(args.model)
     sf.prune(handle, method="magnitude", pattern="2:4", progress=False)
+    sf.save_model(handle, tmp / "reader-dense", format="dense")
+
+    def logits_there(directory: Path, name: str) -> tuple[torch.Tensor, str]:
+        out = subprocess.run([str(python), str(script), str(directory), str(tmp / "evaluation.safetensors"),
+                              str(tmp / name)], capture_output=True, text=True, check=True)
+        return load_file(str(tmp / name))["logits"], json.loads(out.stdout.strip().splitlines()[-1])["transformers"]
+
+    dense_there, version = logits_there(tmp / "reader-dense", "logits-dense.safetensors")
     for fmt in ("bitmask", "nm"):
-        export = tmp / f"reader-{fmt}"
+        export, plain = tmp / f"reader-{fmt}", tmp / f"reader-{fmt}-plain"
         sf.save_model(handle, export, format=fmt)
-        plain = tmp / f"reader-{fmt}-plain"
         proc = subprocess.run([str(python), str(reader), str(export), str(plain)], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr)
-        script = tmp / "logits.py"
-        script.write_text(_READ_IN_PLAIN_TRANSFORMERS)
-        out = subprocess.run([str(python), str(script), str(plain), str(tmp / "evaluation.safetensors"),
-                              str(tmp / f"logits-{fmt}.safetensors")], capture_output=True, text=True, check=True)
-        versions = json.loads(out.stdout.strip().splitlines()[-1])
-        from safetensors.torch import load_file
-
-        theirs = load_file(str(tmp / f"logits-{fmt}.safetensors"))["logits"]
+        there, _ = logits_there(plain, f"logits-{fmt}.safetensors")
         with torch.no_grad():
+            here = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()(windows[:2]).logits
             ours = sf.load_model(str(export)).model(windows[:2]).logits
-        rows.append([fmt, f"transformers {versions['transformers']} (no sparseforge installed)",
-                     torch.equal(ours, theirs), f"{(ours - theirs).abs().max().item():.2e}"])
+        rows.append([fmt, f"{weight_file_bytes(export) / 2**20:.1f} MiB", torch.equal(there, dense_there),
+                     torch.equal(here, ours)])
         print(rows[-1], flush=True)
-    return [markdown_table(["our export", "read by reader.py, loaded by", "logits identical", "max |diff|"], rows)]
+    import transformers
+
+    return [markdown_table(["our export", "size", f"reader.py output = our dense export, both in transformers "
+                            f"{version} (no sparseforge)", f"reader.py output in transformers "
+                            f"{transformers.__version__} = sparseforge's loading"], rows)]
 
 
 # ---- GGUF / llama.cpp -----------------------------------------------------------------------------------------
@@ -274,10 +289,12 @@ def gguf_part(args, calibration, tmp: Path, sizes: dict) -> list[str]:
                              "first divergence per prompt", "llama.cpp tokenizes the prompts as we do",
                              "llama.cpp decode tok/s"], rows)]
     for ttype in ("f16", "q8_0"):
-        lines.append(f"shrunk FFN -25% vs dense in llama.cpp, {ttype}: {speed[f'shrunk {ttype}'] / speed[f'dense {ttype}']:.3f}x "
-                     f"decode (ideal from removed linear MACs incl. LM head: {ideal:.3f}x)")
+        ratio = speed[f"shrunk {ttype}"] / speed[f"dense {ttype}"]
+        lines.append(f"shrunk FFN -25% vs dense in llama.cpp, {ttype}: {ratio:.3f}x decode (ideal from removed "
+                     f"linear MACs incl. LM head: {ideal:.3f}x)")
     lines.append(f"llama-cpp-python {result['llama_cpp_python']}, {result['threads']} threads, {args.repeats} "
-                 f"alternating rounds of {args.speed_tokens} tokens; per-round tok/s: {json.dumps(result['decode_rounds'])}")
+                 f"alternating rounds of {args.speed_tokens} tokens; per-round tok/s: "
+                 f"{json.dumps(result['decode_rounds'])}")
     return lines
 
 

@@ -149,8 +149,14 @@ def read_export(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise ExportReadError(f"{weights} is missing")
     if file_sha256(weights) != manifest["sha256"][manifest["weights"]]:
         raise ExportReadError(f"{weights} does not match its recorded SHA-256 (truncated or damaged)")
+    state, masks = decode_state(load_file(weights), manifest, str(weights))
+    return state, masks, manifest
+
+
+def decode_state(raw: dict[str, torch.Tensor], manifest: dict,
+                 origin: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(dense state dict, masks) from the stored tensors ``raw`` of a verified weight file (consumed)."""
     dtype = DTYPES[manifest["dtype"]]
-    raw = load_file(weights)
     state: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     for key, info in manifest["tensors"].items():
@@ -159,15 +165,15 @@ def read_export(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         try:
             weight, mask = decode_tensor(parts, info, dtype)
         except KeyError as exc:
-            raise ExportReadError(f"{weights}: {key} lacks its stored part {exc}") from None
+            raise ExportReadError(f"{origin}: {key} lacks its stored part {exc}") from None
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise ExportReadError(f"{weights}: {key} does not decode as its manifest says ({exc})") from None
+            raise ExportReadError(f"{origin}: {key} does not decode as its manifest says ({exc})") from None
         state[key] = weight.t().contiguous() if info.get("transposed") else weight
         masks[key] = mask
     state.update(raw)
     for alias, name in manifest.get("aliases", {}).items():
         state[alias] = state[name]
-    return state, masks, manifest
+    return state, masks
 
 
 def to_huggingface(export_dir: str | Path, out_dir: str | Path) -> Path:

@@ -27,7 +27,7 @@ from ..errors import CorruptCheckpointError, SparseforgeError
 from ..sparsity.masks import release_masks
 from .formats import ENCODINGS
 from .integrity import check_safetensors_file, sha256_of
-from .reader import manifest_digest
+from .reader import ExportReadError, decode_state, manifest_digest
 
 
 class Exportable(Protocol):
@@ -212,23 +212,10 @@ def load_exported_state(directory: Path, description: dict) -> tuple[dict[str, t
     """Verify and decode an exported directory: returns (full state dict, masks of the encoded tensors).
 
     Masks are keyed by state-dict name in [out, in] orientation; tensors stored dense (format ``dense``) carry no
-    mask of their own and the loader recovers theirs from the zeros.
+    mask of their own and the loader recovers theirs from the zeros. Decoding is the standalone reader's.
     """
     weights = verify_weights(directory, description)
-    dtype = resolve_dtype(description["dtype"])
-    raw = load_file(weights)
-    state: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] = {}
-    for key, info in description["tensors"].items():
-        prefix = f"{key}."
-        parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix)}
-        try:
-            weight, mask = ENCODINGS[info["encoding"]].decode(parts, tuple(info["shape"]), info, dtype)
-        except (KeyError, RuntimeError, ValueError, IndexError) as exc:
-            raise CorruptCheckpointError(f"{weights}: {key} does not decode as its manifest says ({exc})") from None
-        state[key] = weight.t().contiguous() if info["transposed"] else weight
-        masks[key] = mask
-    state.update(raw)
-    for alias, name in description["aliases"].items():
-        state[alias] = state[name]
-    return state, masks
+    try:
+        return decode_state(load_file(weights), description, str(weights))
+    except ExportReadError as exc:
+        raise CorruptCheckpointError(str(exc)) from None

@@ -38,11 +38,11 @@ MODES = ("fixed", "gradual", "alps")
 
 @dataclass
 class ADMMConfig:
-    iterations: int = 60
+    iterations: int = 30
     rho: float = 0.1  # initial penalty, relative to the mean diagonal of H
-    rho_growth: float = 1.1  # per iteration (fixed and gradual modes)
-    ramp: int = 30  # gradual: iterations over which the sparsity reaches its target
-    pcg_iterations: int = 30
+    rho_growth: float = 1.2  # per iteration (fixed and gradual modes)
+    ramp: int = 15  # gradual: iterations over which the sparsity reaches its target
+    pcg_iterations: int = 20
     dampening: float = 0.01  # fraction of mean(diag H) added to the diagonal, as SparseGPT
     mask: str = "wanda"  # admm (fixed mask): the scorer that chooses it, wanda or magnitude
 
