@@ -103,12 +103,12 @@ def _vocabulary(tokenizer, writer, gguf_module) -> list[str]:
     return warnings
 
 
-def _metadata(writer, config, name: str) -> None:
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+def _metadata(writer, config, geometry, blocks: int, name: str) -> None:
+    """The architecture's keys; head counts and size come from the adapter (what the tensors hold)."""
+    heads, kv_heads, head_dim = geometry.num_heads, geometry.num_kv_heads, geometry.head_dim
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_block_count(config.num_hidden_layers)
+    writer.add_block_count(blocks)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -148,21 +148,22 @@ def write_gguf(handle, path: str | Path, tensor_type: str = "f16", name: str | N
         raise GGUFExportError(f"cannot write GGUF: {problem}")
     if handle.tokenizer is None:
         raise GGUFExportError("cannot write GGUF: the model has no tokenizer, and a GGUF file must carry one")
-    config = handle.model.config
+    config, adapter = handle.model.config, handle.adapter
+    geometry = adapter.head_geometry()
     arch = getattr(gguf.MODEL_ARCH, _ARCHITECTURES[config.model_type])
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(arch, adapter.num_blocks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        _metadata(writer, config, name or path.stem)
+        _metadata(writer, config, geometry, adapter.num_blocks, name or path.stem)
         file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
         writer.add_file_type(getattr(gguf.LlamaFileType, file_types[tensor_type]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         warnings = _vocabulary(handle.tokenizer, writer, gguf)
         state = handle.model.state_dict()
-        tied = bool(getattr(config, "tie_word_embeddings", False))
+        tied = adapter.tied_embeddings()
         count = 0
         for key, tensor in state.items():
             if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
@@ -172,9 +173,9 @@ def write_gguf(handle, path: str | Path, tensor_type: str = "f16", name: str | N
                 raise GGUFExportError(f"cannot write GGUF: no llama.cpp tensor name for '{key}'")
             array = tensor.detach().float().cpu().numpy()
             if arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("q_proj.weight", "q_proj.bias")):
-                array = _interleave_rotary(array, config.num_attention_heads)
+                array = _interleave_rotary(array, geometry.num_heads)
             elif arch == gguf.MODEL_ARCH.LLAMA and key.endswith(("k_proj.weight", "k_proj.bias")):
-                array = _interleave_rotary(array, config.num_key_value_heads)
+                array = _interleave_rotary(array, geometry.num_kv_heads)
             data, ggml_type = _tensor_type(array, tensor_type, gguf)
             writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
             count += 1
