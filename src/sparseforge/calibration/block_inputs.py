@@ -33,19 +33,21 @@ class BlockInputs:
     :meth:`~sparseforge.models.adapters.base.ModelAdapter.capture_inputs_per_block`), per batch size.
     """
 
-    def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
+    def __init__(self, handle: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device,
+                 store: "BlockStore | None" = None):
         self.adapter = handle.adapter
         self.device = device
         self.batch_size = batch_size
+        self.store = store or BlockStore()
         self.kwargs: dict[int, list[dict]] = {}  # batch size -> keyword arguments of each block
         self.ranges: list[tuple[int, int]] = []
-        model_device = next(handle.model.parameters()).device
+        model_device = self.adapter.embed_tokens().weight.device
         hidden = []
         moved: dict[int, torch.Tensor] = {}
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start:start + batch_size].to(model_device)
             if batch.shape[0] not in self.kwargs:
-                h, per_block = self.adapter.capture_inputs_per_block(batch)
+                h, per_block = self.adapter.capture_inputs_per_block(batch, bypass_blocks=self.store.streamed)
                 self.kwargs[batch.shape[0]] = _to(per_block, device, moved)
             else:
                 h, _ = self.adapter.capture_block_inputs(batch, 0)
@@ -79,11 +81,80 @@ class BlockInputs:
                 collector.end_of_batch()
         return collector
 
+    def kwargs_bytes(self) -> int:
+        """Bytes of the captured keyword arguments (attention masks, position embeddings), shared ones once."""
+        seen: dict[int, int] = {}
+
+        def visit(obj) -> None:
+            if torch.is_tensor(obj):
+                seen[id(obj)] = obj.nbytes
+            elif isinstance(obj, (tuple, list)):
+                for item in obj:
+                    visit(item)
+            elif isinstance(obj, dict):
+                for item in obj.values():
+                    visit(item)
+
+        visit(self.kwargs)
+        return sum(seen.values())
+
     def on_device(self, index: int):
+        self.store.load(index)
         block = self.adapter.blocks()[index]
         block.to(self.device)
         return block
 
     def release(self, index: int) -> None:
+        """Done with block ``index`` for now: back where the model lives (or, streamed, out of memory)."""
         self.adapter.blocks()[index].to(self.model_device)
+        self.store.evict(index)
         release_freed_memory()
+
+
+def block_parameters(adapter, index: int) -> dict[str, torch.nn.Parameter]:
+    """Every parameter of one block by its model-level name: what a checkpoint must restore (weights, and the norms
+    and biases that reconstruction trains)."""
+    prefix = f"{adapter.spec.blocks}.{index}"
+    return {f"{prefix}.{name}": p for name, p in adapter.blocks()[index].named_parameters()}
+
+
+class BlockStore:
+    """Where the pipeline's blocks live between uses, and what a finished block's checkpoint holds.
+
+    This one keeps every block in memory (pruning a loaded model): a checkpoint holds a block's weights and masks,
+    and resuming copies them back. The streamed store (:mod:`sparseforge.streaming.blocks`) reads each block from
+    disk when it is needed, checkpoints it encoded as it will be exported, and lets it go.
+    """
+
+    streamed = False
+
+    def load(self, index: int) -> None:
+        """Make block ``index``'s weights resident (a no-op when they always are)."""
+
+    def evict(self, index: int) -> None:
+        """Block ``index`` is not needed in memory any more (a no-op when every block stays)."""
+
+    def restore(self, handle: LoadedModel, index: int, checkpoint) -> None:
+        """Put finished block ``index`` back as the checkpoint recorded it (weights and masks)."""
+        saved = checkpoint.block_tensors(index)
+        with torch.no_grad():
+            for name, param in block_parameters(handle.adapter, index).items():
+                param.copy_(saved[name].to(param.device, param.dtype))
+        for view in handle.adapter.block_linears(index).values():
+            handle.masks[view.name] = saved[f"{view.name}.mask"]
+
+    def finished(self, handle: LoadedModel, index: int) -> dict[str, torch.Tensor]:
+        """What the checkpoint keeps of finished block ``index``."""
+        tensors = {name: param.detach() for name, param in block_parameters(handle.adapter, index).items()}
+        for view in handle.adapter.block_linears(index).values():
+            tensors[f"{view.name}.mask"] = handle.masks[view.name]
+        return tensors
+
+    def state(self) -> dict:
+        """Run-level records the checkpoint's state must carry for this store (none here)."""
+        return {}
+
+    def resident_weight_bytes(self, handle: LoadedModel) -> int:
+        """Bytes of model weights in memory now (each shared tensor once)."""
+        tensors = {id(p): p for p in handle.model.parameters() if p.device.type != "meta"}
+        return sum(p.nbytes for p in tensors.values())

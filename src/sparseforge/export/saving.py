@@ -47,6 +47,9 @@ FORMAT_VERSION = 1
 DENSE_WEIGHTS = "model.safetensors"
 PACKED_WEIGHTS = "model.sparseforge.safetensors"
 EXPORT_FORMATS = ("auto", "dense", "bitmask", "nm")
+WEIGHTS_METADATA = {"format": "pt"}
+
+
 def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with tied tensors stored once; returns (tensors, alias -> stored name)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -100,6 +103,19 @@ def plan_encodings(layer_masks: dict[str, tuple[torch.Tensor, bool]], fmt: str,
     return chosen, plans[chosen][1]
 
 
+def encode_tensor(key: str, tensor: torch.Tensor, dtype: torch.dtype, layer_mask: tuple[torch.Tensor, bool] | None,
+                  encoding: str | None, params: dict | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """One state-dict tensor as stored: (stored tensors by name, its manifest entry or None when stored plain)."""
+    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if encoding is None:
+        return {key: tensor.cpu().contiguous()}, None
+    mask, transposed = layer_mask
+    weight = tensor.t() if transposed else tensor
+    parts = {f"{key}.{suffix}": part.cpu().contiguous()
+             for suffix, part in ENCODINGS[encoding].encode(weight.cpu(), mask.cpu(), params).items()}
+    return parts, {"encoding": encoding, "shape": list(weight.shape), "transposed": transposed, **params}
+
+
 def save_model(handle: Exportable, out_dir: str | Path, format: str = "auto", dtype: str | None = None,
                overwrite: bool = False) -> dict:
     """Export ``handle`` to ``out_dir``; returns the format description that was written.
@@ -115,40 +131,48 @@ def save_model(handle: Exportable, out_dir: str | Path, format: str = "auto", dt
     stored: dict[str, torch.Tensor] = {}
     described: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        tensor = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
-        if fmt == "dense" or key not in plan:
-            stored[key] = tensor.cpu().contiguous()
-            continue
-        mask, transposed = layer_masks[key]
-        enc_name, params = plan[key]
-        weight = tensor.t() if transposed else tensor
-        for suffix, part in ENCODINGS[enc_name].encode(weight.cpu(), mask.cpu(), params).items():
-            stored[f"{key}.{suffix}"] = part.cpu().contiguous()
-        described[key] = {"encoding": enc_name, "shape": list(weight.shape), "transposed": transposed, **params}
-    weights_file = DENSE_WEIGHTS if fmt == "dense" else PACKED_WEIGHTS
+        encoded = plan.get(key) if fmt != "dense" else None
+        parts, info = encode_tensor(key, tensor, target_dtype, layer_masks.get(key), *(encoded or (None, None)))
+        stored.update(parts)
+        if info is not None:
+            described[key] = info
     with atomic_directory(out_dir, overwrite=overwrite, kind="export") as tmp:
-        save_file(stored, tmp / weights_file, metadata={"format": "pt"})
-        config = copy.deepcopy(handle.model.config)
-        config.dtype = target_dtype
-        config.save_pretrained(tmp)
-        if getattr(handle.model, "generation_config", None) is not None:
-            handle.model.generation_config.save_pretrained(tmp)
-        if handle.tokenizer is not None:
-            handle.tokenizer.save_pretrained(tmp)
-        description = {
-            "format": fmt,
-            "version": FORMAT_VERSION,
-            "dtype": str(target_dtype).removeprefix("torch."),
-            "weights": weights_file,
-            "sha256": {weights_file: sha256_of(tmp / weights_file)},
-            "aliases": aliases,
-            "masked": sorted(layer_masks),
-            "tensors": described,
-        }
-        description["manifest_sha256"] = manifest_digest(description)
-        (tmp / FORMAT_FILE).write_text(json.dumps(description, indent=1))
+        save_file(stored, tmp / weights_file(fmt), metadata=WEIGHTS_METADATA)
+        description = write_export_files(tmp, handle.model, handle.tokenizer, target_dtype, fmt, aliases,
+                                         sorted(layer_masks), described)
         for attachment in handle.attachments.values():  # a skip policy, routers: they travel with their weights
             attachment.save(tmp)
+    return description
+
+
+def weights_file(fmt: str) -> str:
+    return DENSE_WEIGHTS if fmt == "dense" else PACKED_WEIGHTS
+
+
+def write_export_files(directory: Path, model: torch.nn.Module, tokenizer, dtype: torch.dtype, fmt: str,
+                       aliases: dict[str, str], masked: list[str], described: dict[str, dict]) -> dict:
+    """Everything of an export but its weight file (already in ``directory``): config, generation config,
+    tokenizer, and the manifest with the weight file's checksum. Returns the manifest."""
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    stored = weights_file(fmt)
+    description = {
+        "format": fmt,
+        "version": FORMAT_VERSION,
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": stored,
+        "sha256": {stored: sha256_of(directory / stored)},
+        "aliases": aliases,
+        "masked": masked,
+        "tensors": described,
+    }
+    description["manifest_sha256"] = manifest_digest(description)
+    (directory / FORMAT_FILE).write_text(json.dumps(description, indent=1))
     return description
 
 

@@ -16,7 +16,7 @@ from ..calibration.checkpoint import Checkpoint
 from ..calibration.data import calibration_data
 from ..errors import PatternError
 from ..export.integrity import digest
-from ..memory import check_fits
+from ..memory import PeakMemory, check_fits
 from ..models.handle import LoadedModel
 from ..models.loading import resolve_device
 from ..sparsity.allocation import get_allocation
@@ -168,7 +168,10 @@ def prune(
                 "model_digest": digest([v.weight for v in handle.adapter.block_linears(0).values()]),
                 "prior_masks": sorted(handle.masks), "calibration_digest": digest([windows]),
                 "calibration_shape": list(windows.shape), **plan.settings()}
-    report = prune_sequential(handle, windows, plan, Checkpoint(checkpoint_dir, settings), work_device, progress,
-                              after_block)
+    with PeakMemory(work_device) as peak:
+        report = prune_sequential(handle, windows, plan, Checkpoint(checkpoint_dir, settings), work_device, progress,
+                                  after_block)
+    where = "gpu" if peak.cuda else "rss"
+    report["memory"].update({f"peak_{where}_mib": round(peak.peak_mb, 1), f"start_{where}_mib": round(peak.start_mb, 1)})
     handle.history.append({"stage": "prune", **report})
     return handle

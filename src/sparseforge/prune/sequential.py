@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.block_inputs import BlockInputs
+from ..calibration.block_inputs import BlockInputs, BlockStore
 from ..calibration.checkpoint import Checkpoint
 from ..models.handle import LoadedModel
 from ..sparsity.masks import apply_mask
@@ -76,6 +76,20 @@ class SequentialPlan:
     @property
     def needs(self) -> frozenset[str]:
         return self.method.needs | (self.refinement.needs if self.refinement else frozenset())
+
+
+class _ResidentPeaks:
+    """The largest bytes of weights and of calibration activations resident while a block was pruned."""
+
+    def __init__(self):
+        self.weights = self.activations = 0
+
+    def observe(self, weights: int, activations: int) -> None:
+        self.weights, self.activations = max(self.weights, weights), max(self.activations, activations)
+
+    def report(self) -> dict:
+        return {"weights_resident_peak_mib": round(self.weights / 2**20, 1),
+                "activations_peak_mib": round(self.activations / 2**20, 1)}
 
 
 def _block_mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -131,22 +145,27 @@ def _hint(adapter, index: int, shared_roles: dict[str, list[str]]) -> dict[str, 
             for r, others in shared_roles.items() if r in linears}
 
 
-def _block_parameters(adapter, index: int) -> dict[str, torch.nn.Parameter]:
-    """Every parameter of one block by its model-level name: what a checkpoint must restore (weights, and the norms
-    and biases that reconstruction trains)."""
-    prefix = f"{adapter.spec.blocks}.{index}"
-    return {f"{prefix}.{name}": p for name, p in adapter.blocks()[index].named_parameters()}
+def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = True,
+                    store: BlockStore | None = None, checkpoint: Checkpoint | None = None) -> None:
+    """Uniform pruning by a method that needs no data: every linear directly, no forward pass at all.
 
-
-def prune_data_free(handle: LoadedModel, plan: SequentialPlan, progress: bool = True) -> None:
-    """Uniform pruning by a method that needs no data: every linear directly, no forward pass at all."""
+    With a ``store`` and a ``checkpoint`` (streamed pruning) each block is loaded, pruned, checkpointed and let go,
+    and a rerun resumes after the last finished block."""
     adapter = handle.adapter
-    for index in tqdm(range(adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
+    store = store or BlockStore()
+    first = _intact_prefix(checkpoint, checkpoint.resume()["next_block"]) if checkpoint is not None else 0
+    for index in range(first):
+        store.restore(handle, index, checkpoint)
+    for index in tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                       disable=not progress, unit="block"):
         sparsity = plan.block_sparsity[index] if plan.block_sparsity else plan.sparsity
+        store.load(index)
         block = _BlockPruner(handle, plan, index, sparsity)
         for name in block.views:
             block.prune([name], None)
+        if checkpoint is not None:
+            checkpoint.save(index, store.finished(handle, index), None, **store.state())
+        store.evict(index)
 
 
 def _intact_prefix(checkpoint: Checkpoint, finished: int) -> int:
@@ -163,24 +182,21 @@ def _intact_prefix(checkpoint: Checkpoint, finished: int) -> int:
 
 def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: SequentialPlan, checkpoint: Checkpoint,
                      device: torch.device | None = None, progress: bool = True,
-                     after_block=None) -> dict:
+                     after_block=None, store: BlockStore | None = None) -> dict:
     """Prune every decoder block of ``handle`` with ``plan`` on calibration ``windows`` [n, seqlen]; returns a report.
 
     ``after_block(index)`` is called once a block is checkpointed (tests use it to simulate an interruption).
+    ``store``: where blocks live between uses (default: all in memory; see :class:`BlockStore`).
     """
     adapter = handle.adapter
-    device = device or next(handle.model.parameters()).device
+    device = device or adapter.embed_tokens().weight.device
     started = time.perf_counter()
     state = checkpoint.resume()
-    blocks = BlockInputs(handle, windows, plan.batch_size, device)
+    blocks = BlockInputs(handle, windows, plan.batch_size, device, store)
+    store = blocks.store
     first = _intact_prefix(checkpoint, state["next_block"])
     for index in range(first):  # replay finished blocks from the checkpoint
-        saved = checkpoint.block_tensors(index)
-        with torch.no_grad():
-            for name, param in _block_parameters(adapter, index).items():
-                param.copy_(saved[name].to(param.device, param.dtype))
-        for view in adapter.block_linears(index).values():
-            handle.masks[view.name] = saved[f"{view.name}.mask"]
+        store.restore(handle, index, checkpoint)
     if first == adapter.num_blocks:  # every block finished: nothing left to propagate
         hidden = blocks.hidden
     elif first and checkpoint.hidden_intact(first):
@@ -210,6 +226,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
     swaps = int(done["swaps"])
     shared_roles: dict[str, list[str]] = dict(done["shared_roles"])  # exact on resume
     repairs: list[dict] = list(checkpoint.state.get("repairs", []))[:done["repairs"]]
+    memory, kwargs_bytes = _ResidentPeaks(), blocks.kwargs_bytes()
     bar = tqdm(range(first, adapter.num_blocks), desc=f"{plan.method.name} {plan.pattern.name}",
                disable=not progress, unit="block")
     for index in bar:
@@ -241,17 +258,16 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
             repairs.append(record)
             bar.set_postfix(mse=f"{before:.3g}->{record['mse_after']:.3g}")
             del targets, inputs
-        blocks.release(index)
+        memory.observe(store.resident_weight_bytes(handle),  # reconstruction also holds the inputs and targets
+                       hidden.nbytes * (3 if plan.repair is not None else 1) + kwargs_bytes)
         events.extend(block.events)
         swaps += block.swaps
-        tensors = {name: param.detach() for name, param in _block_parameters(adapter, index).items()}
-        for name in block.views:
-            tensors[f"{name}.mask"] = handle.masks[name]
         last = index == adapter.num_blocks - 1
         marks.append({"events": len(events), "swaps": swaps, "repairs": len(repairs),
                       "shared_roles": shared_roles})
-        checkpoint.save(index, tensors, None if last else hidden, events=events, swaps=swaps,
-                        shared_roles=shared_roles, repairs=repairs, marks=marks)
+        checkpoint.save(index, store.finished(handle, index), None if last else hidden, events=events, swaps=swaps,
+                        shared_roles=shared_roles, repairs=repairs, marks=marks, **store.state())
+        blocks.release(index)
         if after_block is not None:
             after_block(index)
     return {
@@ -268,6 +284,7 @@ def prune_sequential(handle: LoadedModel, windows: torch.Tensor, plan: Sequentia
         "calibration": {"windows": windows.shape[0], "seqlen": windows.shape[1],
                         "batch_size": blocks.batch_size},
         "resumed_from_block": first or None,
+        "memory": memory.report(),
         **({plan.repair.name: {"settings": _plain(plan.repair_options), "blocks": repairs,
                                "mse_before_sum": sum(r["mse_before"] for r in repairs),
                                "mse_after_sum": sum(r["mse_after"] for r in repairs)}} if plan.repair else {}),

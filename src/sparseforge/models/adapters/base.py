@@ -139,6 +139,11 @@ class ArchSpec:
         return list(self.attention_linears)[-1]
 
 
+def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A decoder block's forward that changes nothing (what a bypassed block computes)."""
+    return hidden_states
+
+
 class ModelAdapter:
     """Uniform access to a causal LM of a supported family."""
 
@@ -266,12 +271,15 @@ class ModelAdapter:
         return HeadGeometry(num_heads, num_kv, int(head_dim))
 
     # ---- running one block on captured inputs ---------------------------------------------------------------
-    def _capture_through(self, input_ids: torch.Tensor, last: int, hidden_of: int) -> tuple[torch.Tensor, list[dict]]:
+    def _capture_through(self, input_ids: torch.Tensor, last: int, hidden_of: int,
+                         bypass_blocks: bool = False) -> tuple[torch.Tensor, list[dict]]:
         """Block ``hidden_of``'s hidden-state input and the keyword arguments of blocks ``0..last``, as the model
         itself passes them (only one hidden state is kept: a model's worth of them would be large).
 
         The forward pass is cut short by an exception from block ``last``'s pre-hook, so nothing after it is
         computed. Keyword arguments lose the cache and gain ``use_cache=False``, ready for :meth:`run_block`.
+        ``bypass_blocks`` passes the hidden state through the blocks unchanged instead of running them: the
+        arguments do not depend on the blocks' weights, which streamed pruning has not loaded yet.
         """
         hidden: list[torch.Tensor] = []
         arguments: list[dict] = []
@@ -287,7 +295,11 @@ class ModelAdapter:
             if len(arguments) > last:
                 raise _Stop
 
-        handles = [block.register_forward_pre_hook(hook, with_kwargs=True) for block in self.blocks()[:last + 1]]
+        blocks = self.blocks()[:last + 1]
+        handles = [block.register_forward_pre_hook(hook, with_kwargs=True) for block in blocks]
+        if bypass_blocks:
+            for block in blocks:
+                block.forward = _pass_through
         try:
             with torch.no_grad():
                 self.model(input_ids=input_ids, use_cache=False)
@@ -296,6 +308,9 @@ class ModelAdapter:
         finally:
             for handle in handles:
                 handle.remove()
+            if bypass_blocks:
+                for block in blocks:
+                    del block.forward
         return hidden[0], arguments
 
     def capture_block_inputs(self, input_ids: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, dict]:
@@ -307,7 +322,8 @@ class ModelAdapter:
         hidden, arguments = self._capture_through(input_ids, index, index)
         return hidden, arguments[index]
 
-    def capture_inputs_per_block(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    def capture_inputs_per_block(self, input_ids: torch.Tensor,
+                                 bypass_blocks: bool = False) -> tuple[torch.Tensor, list[dict]]:
         """Block 0's hidden-state input and the keyword arguments the model passes to *each* block.
 
         Models with per-layer attention types pass different arguments to different blocks: Gemma 3 gives its
@@ -316,7 +332,7 @@ class ModelAdapter:
         full-attention layers at the wrong positions, so block-by-block replays use this. Arguments that the model
         shares between blocks stay shared objects.
         """
-        return self._capture_through(input_ids, self.num_blocks - 1, 0)
+        return self._capture_through(input_ids, self.num_blocks - 1, 0, bypass_blocks)
 
     def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Run block ``index`` on captured inputs and return its output hidden states."""
