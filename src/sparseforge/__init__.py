@@ -44,7 +44,7 @@ _LAZY = {
     "save_model": (".export.saving", "save_model"), "export_model": (".export.exporting", "export_model"),
     "LoadedModel": (".models.handle", "LoadedModel"),
     "factorize": (".moe", "factorize_model"), "install_runtime": (".runtime", "install_runtime"),
-    "prune": (".prune.pruner", "prune"), "Recipe": (".recipe", "Recipe"), "load_recipe": (".recipe", "load_recipe"),
+    "prune": (".prune.pruner", "prune"), "prune_streamed": (".streaming.prune", "prune_streamed"), "Recipe": (".recipe", "Recipe"), "load_recipe": (".recipe", "load_recipe"),
     "parse_recipe": (".recipe", "parse_recipe"), "retrain": (".retrain.recovery", "retrain"),
     "SearchConfig": (".search", "SearchConfig"), "run_search": (".search", "run_search"),
     "search": (".search", "search"), "calibrate_skip": (".skip", "calibrate_skip"), "generate": (".skip", "generate"),
@@ -132,4 +132,4 @@ __all__ = ["ContinualConfig", "DSTConfig", "DynamicSparsity", "LoadedModel", "Re
            "SparseforgeError", "calibrate_skip", "continual", "evaluate", "factorize", "finercut", "generate",
            "sparse_train_lm", "train_sparse",
            "install_runtime", "load_model", "load_recipe",
-           "parse_recipe", "prune", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]
+           "parse_recipe", "prune", "prune_streamed", "remove_blocks", "retrain", "run_recipe", "save_model", "shrink", "__version__"]

@@ -189,6 +189,10 @@ def prune(
     reconstruct: Optional[int] = typer.Option(None, "--reconstruct", metavar="STEPS",
                                               help="layer-wise reconstruction: after each block is pruned, train its "
                                                    "norms and a MaskLoRA for STEPS steps to match the dense block"),
+    streamed: bool = typer.Option(False, "--streamed",
+                                  help="out of core, for models larger than memory: read each block from the "
+                                       "safetensors checkpoint when it is reached, write it into the export, let it "
+                                       "go (no evaluation: run `sparseforge eval` on the export)"),
     run: RunOptions = None,
 ) -> None:
     """Prune a model one-shot, evaluate before and after, export it, and write a report.
@@ -199,13 +203,25 @@ def prune(
 
     if sparsity is None and pattern == "unstructured" and block_sparsity is None:
         sparsity = DEFAULT_SPARSITY
+    out_dir = out_dir or _default_out(model, method, pattern, sparsity)
+    if streamed:
+        from .streaming.prune import prune_streamed
+
+        report = prune_streamed(model, out_dir, method=method, sparsity=sparsity, pattern=pattern, per_row=per_row,
+                                allocation=allocation, refine=refine, calibration=calibration, nsamples=nsamples,
+                                seqlen=seqlen, seed=seed, batch_size=batch_size, order=order, device=run.device,
+                                format=run.format, dtype=run.export_dtype, block_sparsity=block_sparsity,
+                                reconstruct={"steps": reconstruct} if reconstruct is not None else None,
+                                bos=run.bos, overwrite=run.overwrite, restart=run.restart)
+        out.print((Path(out_dir) / "report.md").read_text().rstrip())
+        return
     stages = [{"prune": {"method": method, "sparsity": sparsity, "pattern": pattern, "per_row": per_row,
                          "allocation": allocation, "refine": refine, "order": order, "batch_size": batch_size,
                          **({"block_sparsity": block_sparsity} if block_sparsity is not None else {})}}]
     if reconstruct is not None:
         stages.append({"retrain": {"method": "reconstruct", "steps": reconstruct}})
     _run_stages(model, stages, {"calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-                out_dir or _default_out(model, method, pattern, sparsity), run=run)
+                out_dir, run=run)
 
 
 @app.command()

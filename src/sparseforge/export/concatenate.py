@@ -13,17 +13,13 @@ import json
 import struct
 from pathlib import Path
 
-from .integrity import safetensors_header
+from .integrity import safetensors_data_start, safetensors_header
 
 # safetensors lays tensors out by dtype, in descending order of its Rust ``Dtype`` enum, then by name
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
                 "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
 _CHUNK = 1 << 24
 
-
-def _data_start(path: Path) -> int:
-    with path.open("rb") as fh:
-        return 8 + struct.unpack("<Q", fh.read(8))[0]
 
 
 def concatenate_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] | None = None) -> None:
@@ -43,7 +39,7 @@ def concatenate_safetensors(parts: list[Path], out: Path, metadata: dict[str, st
         offset += stop - start
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    starts = {part: _data_start(part) for part in parts}
+    starts = {part: safetensors_data_start(part) for part in parts}
     with out.open("wb") as sink:
         sink.write(struct.pack("<Q", len(encoded)) + encoded)
         handles = {}

@@ -38,6 +38,12 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def safetensors_data_start(path: Path) -> int:
+    """Offset of a safetensors file's first tensor byte (the header's byte ranges count from there)."""
+    with Path(path).open("rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
+
+
 def check_safetensors_file(path: Path) -> None:
     safetensors_header(path)
 

@@ -153,7 +153,7 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
                    nsamples: int = CALIBRATION_WINDOWS, seqlen: int = 512, seed: int = 0, batch_size: int = 8,
                    order: str = "sublayer", device: str | None = None, format: str = "auto",
                    dtype: str | None = None, owl=None, dsnot=None, sparsegpt=None, admm=None,
-                   block_sparsity=None, reconstruct=None, checkpoint_dir: str | os.PathLike | None = None,
+                   block_sparsity=None, reconstruct=None, bos: str = "auto", checkpoint_dir: str | os.PathLike | None = None,
                    overwrite: bool = False, restart: bool = False, progress: bool = True,
                    after_block=None) -> dict:
     """Prune ``model`` block by block from its checkpoint into the export ``out_dir/model`` without ever holding
@@ -172,12 +172,15 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     config = _read_config(str(directory), trust_remote_code=False)
     compute_dtype = torch.float32
     export_dtype = resolve_dtype(dtype, compute_dtype)
-    handle = LoadedModel(empty_model(config, compute_dtype), _load_tokenizer(str(directory), False), source=str(model))
+    handle = LoadedModel(empty_model(config, compute_dtype), _load_tokenizer(str(directory), False), source=str(model),
+                         bos=bos)
     names, aliases = stored_names(handle.model)
     missing = [n for n in names if n not in source]
     if missing:
         raise CorruptCheckpointError(f"{directory} lacks {len(missing)} tensor(s) the model's config implies (first: "
                                      f"{missing[0]}); streamed pruning reads checkpoints whose names are the model's")
+    if reconstruct is not None:
+        import sparseforge.retrain.reconstruct  # noqa: F401 - registers the reconstruction repair hook
     plan, needs_calibration = check_prune_request(handle, method, sparsity, pattern, per_row, allocation, refine,
                                                   owl, dsnot, sparsegpt, batch_size, order, reconstruct, admm,
                                                   block_sparsity)
