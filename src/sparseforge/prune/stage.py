@@ -102,6 +102,11 @@ def report_prune_stage(stage: dict, after: dict) -> tuple[str, list[str]]:
     if calibration:
         lines.append(f"- calibration: {calibration['windows']} windows x {calibration['seqlen']} tokens, "
                      f"order `{stage.get('order')}`, {stage.get('seconds', 0):.1f} s")
+    memory = stage.get("memory")
+    if memory and "peak_rss_mib" in memory:
+        lines.append(f"- memory: peak resident {memory['peak_rss_mib']:.0f} MiB ({memory['start_rss_mib']:.0f} MiB "
+                     f"when the stage started), weights resident at peak {memory['weights_resident_peak_mib']:.0f} "
+                     f"MiB, calibration activations {memory['activations_peak_mib']:.0f} MiB")
     if stage.get("allocation") in ("owl", "explicit") and stage.get("block_sparsity"):
         source = "OWL" if stage["allocation"] == "owl" else "given"
         lines.append(f"- {source} block sparsities: " + ", ".join(f"{s:.3f}" for s in stage["block_sparsity"]))
