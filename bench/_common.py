@@ -4,6 +4,8 @@ and the machine's memory-copy bandwidth (the physical limit that speed is compar
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import platform
 import statistics
 import sys
@@ -33,6 +35,20 @@ def cached_results(out: str | Path) -> tuple[dict, Callable[[], None]]:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"cells": {}}
     return results, lambda: path.write_text(json.dumps(results, indent=1))
+
+
+def run_cell(results: dict, save: Callable[[], None], key: str, cmd: list[str]) -> dict:
+    """The cached result of one benchmark cell, or run ``cmd`` (a worker printing one JSON line last), cache and
+    print it. Each cell in its own process: its peak memory and timings are its own."""
+    if key in results["cells"]:
+        return results["cells"][key]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"worker failed for {key}:\n{proc.stderr[-3000:]}")
+    results["cells"][key] = json.loads(proc.stdout.strip().splitlines()[-1])
+    save()
+    print(json.dumps(results["cells"][key]), flush=True)
+    return results["cells"][key]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -46,6 +46,8 @@ def worker(args) -> dict:
         options["allocation"] = config["allocation"]
     if config.get("refine"):
         options["refine"] = config["refine"]
+    if config.get("reconstruct"):  # layer-wise reconstruction inside the pipeline (calibration data only)
+        options["reconstruct"] = {"steps": config["reconstruct"]}
     start, cpu_start = time.perf_counter(), time.process_time()
     sf.prune(handle, **options)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -66,18 +68,11 @@ def worker(args) -> dict:
 
 
 def _run(args, config: dict, results: dict, save) -> dict:
-    key = json.dumps(config, sort_keys=True)
-    if key in results["cells"]:
-        return results["cells"][key]
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config), "--model", args.model,
-           "--calibration", str(args.calibration), "--evaluation", str(args.evaluation), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode:
-        raise RuntimeError(f"worker failed for {config}:\n{proc.stderr[-3000:]}")
-    results["cells"][key] = json.loads(proc.stdout.strip().splitlines()[-1])
-    save()
-    print(json.dumps(results["cells"][key]), flush=True)
-    return results["cells"][key]
+    from _common import run_cell
+
+    return run_cell(results, save, json.dumps(config, sort_keys=True), [
+        sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config), "--model", args.model,
+        "--calibration", str(args.calibration), "--evaluation", str(args.evaluation), "--threads", str(args.threads)])
 
 
 def _search_run(args, amount: str) -> str:
@@ -102,6 +97,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--perp-steps", type=int, default=50)
+    parser.add_argument("--reconstruct-steps", type=int, default=0,
+                        help="also the best one-shot cell with layer-wise reconstruction (steps per block)")
     parser.add_argument("--search-generations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -148,6 +145,8 @@ def main() -> None:
             config = {"amount": amount, "allocation": best[0], "solver": best[1],
                       **({"search_run": _search_run(args, amount)} if best[0] == "searched" else {})}
             dsnot = _run(args, {**config, "refine": "dsnot"}, results, save)
+            reconstructed = _run(args, {**config, "reconstruct": args.reconstruct_steps}, results, save) \
+                if args.reconstruct_steps else None
             perp = _run(args, {**config, "perp_steps": args.perp_steps}, results, save)
             rows = [[allocation, solver, f"{c['perplexity']:.2f}", f"{c['perplexity'] / reference:.3f}",
                      f"{c['prune_seconds']:.0f}", f"{c['prune_cpu_seconds']:.0f}",
@@ -157,6 +156,12 @@ def main() -> None:
             rows.append([f"{best[0]} + DSnoT", best[1], f"{dsnot['perplexity']:.2f}",
                          f"{dsnot['perplexity'] / reference:.3f}", f"{dsnot['prune_seconds']:.0f}",
                          f"{dsnot['prune_cpu_seconds']:.0f}", "-", f"{dsnot['achieved_sparsity']:.3f}"])
+            if reconstructed is not None:
+                rows.append([f"{best[0]} + reconstruction {args.reconstruct_steps} steps/block", best[1],
+                             f"{reconstructed['perplexity']:.2f}",
+                             f"{reconstructed['perplexity'] / reference:.3f}",
+                             f"{reconstructed['prune_seconds']:.0f}", f"{reconstructed['prune_cpu_seconds']:.0f}", "-",
+                             f"{reconstructed['achieved_sparsity']:.3f}"])
             rows.append([f"{best[0]} + PERP {args.perp_steps} steps", best[1], f"{perp['perplexity_perp']:.2f}",
                          f"{perp['perplexity_perp'] / reference:.3f}", f"{perp['prune_seconds']:.0f} + "
                          f"{perp['perp_seconds']:.0f}", f"{perp['prune_cpu_seconds']:.0f}", "-",
