@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import sparseforge as sf
 from sparseforge.calibration.checkpoint import CheckpointMismatchError
 from sparseforge.errors import CorruptCheckpointError, SparseforgeError
-from sparseforge.export.concatenate import concatenate_safetensors
+from sparseforge.export.concatenate import concatenate_safetensors, write_tensor_file
 from sparseforge.streaming import prune as streaming
 from tests.helpers import assert_clean_failure, run_cli
 
@@ -194,3 +194,11 @@ def test_concatenated_file_equals_save_file(tmp_path_factory, specs, pieces):
             parts.append(tmp / f"part{p}.safetensors")
     concatenate_safetensors(parts, tmp / "joined.safetensors", {"format": "pt"})
     assert (tmp / "joined.safetensors").read_bytes() == (tmp / "whole.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_tensor_file_equals_save_file(tmp_path, dtype):
+    tensor = (torch.rand(3, 5) * 100).to(dtype)
+    save_file({"w": tensor}, str(tmp_path / "a.safetensors"))
+    write_tensor_file(tmp_path / "b.safetensors", "w", tensor)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

@@ -13,13 +13,32 @@ import json
 import struct
 from pathlib import Path
 
+import torch
+
 from .integrity import safetensors_data_start, safetensors_header
 
 # safetensors lays tensors out by dtype, in descending order of its Rust ``Dtype`` enum, then by name
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
                 "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
 _CHUNK = 1 << 24
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
 
+
+
+def write_tensor_file(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """A safetensors file holding one tensor, written from the tensor's own memory (``save_file`` first builds the
+    whole file in memory: a second copy of an 8B model's 1 GB embedding)."""
+    tensor = tensor.detach().contiguous().cpu()
+    header = {name: {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                     "data_offsets": [0, tensor.nbytes]}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with Path(path).open("wb") as sink:
+        sink.write(struct.pack("<Q", len(encoded)) + encoded)
+        if tensor.nbytes:
+            sink.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def concatenate_safetensors(parts: list[Path], out: Path, metadata: dict[str, str] | None = None) -> None:

@@ -31,7 +31,7 @@ from ..calibration.data import calibration_data
 from ..data.windows import CALIBRATION_WINDOWS
 from ..dtypes import resolve_dtype
 from ..errors import CorruptCheckpointError, ModelNotFoundError, SparseforgeError
-from ..export.concatenate import concatenate_safetensors
+from ..export.concatenate import concatenate_safetensors, write_tensor_file
 from ..export.integrity import digest
 from ..export.saving import ENCODINGS, WEIGHTS_METADATA, weights_file, write_export_files
 from ..memory import PeakMemory
@@ -242,15 +242,13 @@ def _outside_block_parts(handle: LoadedModel, source: WeightSource, directory: P
                          dtype: torch.dtype) -> list[Path]:
     """The stored tensors outside the blocks (embeddings, final norm, LM head), one file each: read, converted
     and written one at a time, so the largest (an 8B model's 1 GB embedding) is the only one in memory."""
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     prefix = f"{handle.adapter.spec.blocks}."
     parts = []
     for i, name in enumerate(n for n in names if not n.startswith(prefix)):
         tensor = source.tensor(name)
         part = directory / f"{i:04d}.safetensors"
-        save_file({name: (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()}, str(part))
+        write_tensor_file(part, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         parts.append(part)
     return parts
 
