@@ -235,6 +235,8 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(report_markdown(report))
     checkpoint.remove()
+    if checkpoint_dir is None and checkpoints.parent.is_dir() and not any(checkpoints.parent.iterdir()):
+        checkpoints.parent.rmdir()  # the hidden sibling was only ours
     return report
 
 
