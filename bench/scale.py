@@ -111,7 +111,7 @@ def worker(config: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     calibration = load_file(config["calibration"])["input_ids"]
     options = dict(method=config["method"], pattern=config["pattern"], sparsity=config.get("sparsity"),
-                   calibration=calibration, progress=False)
+                   calibration=calibration, order=config.get("order", "sublayer"), progress=False)
     start = time.perf_counter()
     if config["kind"] == "streamed":
         report = sf.prune_streamed(config["model"], config["out"], format=config.get("format", "auto"),
@@ -217,31 +217,29 @@ def compare(args, results, save) -> list[str]:
             base = {"model": str(default_model_dir()), "method": method, "pattern": pattern, "sparsity": sparsity,
                     "calibration": str(args.calibration), "evaluation": str(args.evaluation),
                     "nsamples": args.nsamples, "seqlen": args.seqlen}
-            ours = _run({**base, "kind": "streamed", "out": str(args.work / "compare-out")}, args.threads, results,
-                        save)
             theirs = _llmcompressor(args, default_model_dir(), method, pattern, sparsity, results, save)
             label = f"{method} {'50%' if sparsity else pattern}"
-            rows.append([label, "streamed", f"{ours['perplexity']:.3f}", f"{theirs['perplexity']:.3f}",
-                         f"{ours['blocks_seconds']:.1f} / {ours['prune_seconds']:.1f}", f"{theirs['prune_seconds']:.1f}",
-                         f"{ours['blocks_seconds'] / theirs['prune_seconds']:.2f} / "
-                         f"{ours['prune_seconds'] / theirs['prune_seconds']:.2f}",
-                         f"{ours['peak_rss_mib']:.0f}", f"{theirs['peak_rss_mib']:.0f}",
-                         f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}",
-                         f"{ours['memory']['weights_resident_peak_mib']:.0f}",
-                         f"{ours['memory']['activations_peak_mib']:.0f}"])
+            for order in args.orders:
+                ours = _run({**base, "kind": "streamed", "out": str(args.work / "compare-out"),
+                             **({"order": order} if order != "sublayer" else {})}, args.threads, results, save)
+                rows.append(_compare_row(label, f"streamed, {order} order", ours, theirs))
             if args.in_memory:
                 mem = _run({**base, "kind": "memory"}, args.threads, results, save)
-                rows.append([label, "in memory", f"{mem['perplexity']:.3f}", f"{theirs['perplexity']:.3f}",
-                             f"{mem['prune_seconds']:.1f} (no export)", f"{theirs['prune_seconds']:.1f}",
-                             f"{mem['prune_seconds'] / theirs['prune_seconds']:.2f}",
-                             f"{mem['peak_rss_mib']:.0f}", f"{theirs['peak_rss_mib']:.0f}",
-                             f"{mem['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}",
-                             f"{mem['memory']['weights_resident_peak_mib']:.0f}",
-                             f"{mem['memory']['activations_peak_mib']:.0f}"])
+                rows.append(_compare_row(label, "in memory, sublayer order", mem, theirs))
     return [markdown_table(["config", "sparseforge path", "ppl ours", "ppl llm-compressor",
-                            "s ours (blocks / all, incl. reading and export)", "s llm-compressor (oneshot)",
+                            "s ours (blocks / all: reading and export included)", "s llm-compressor (oneshot)",
                             "time ratio (blocks / all)", "peak RSS MiB ours", "peak RSS MiB llm-compressor",
                             "RSS ratio", "weights resident MiB", "activations MiB"], rows)]
+
+
+def _compare_row(label: str, path: str, ours: dict, theirs: dict) -> list:
+    blocks = ours.get("blocks_seconds") or ours["prune_seconds"]
+    return [label, path, f"{ours['perplexity']:.3f}", f"{theirs['perplexity']:.3f}",
+            f"{blocks:.1f} / {ours['prune_seconds']:.1f}", f"{theirs['prune_seconds']:.1f}",
+            f"{blocks / theirs['prune_seconds']:.2f} / {ours['prune_seconds'] / theirs['prune_seconds']:.2f}",
+            f"{ours['peak_rss_mib']:.0f}", f"{theirs['peak_rss_mib']:.0f}",
+            f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}",
+            f"{ours['memory']['weights_resident_peak_mib']:.0f}", f"{ours['memory']['activations_peak_mib']:.0f}"]
 
 
 def _synthetic_run(args, name: str, layers: int | None, results, save, check: bool = False) -> dict:
@@ -348,6 +346,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-memory", action="store_true", help="compare: also sparseforge's in-memory path")
+    parser.add_argument("--orders", nargs="+", default=["sublayer"], choices=["sublayer", "block"],
+                        help="compare: calibration orders of the streamed runs")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sparseforge-scale",
                         help="where the synthetic checkpoints (about 25 GB for 1B+3B+8B) and exports are written")
     parser.add_argument("--llmcompressor-venv", type=Path,
