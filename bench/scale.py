@@ -111,7 +111,8 @@ def worker(config: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     calibration = load_file(config["calibration"])["input_ids"]
     options = dict(method=config["method"], pattern=config["pattern"], sparsity=config.get("sparsity"),
-                   calibration=calibration, order=config.get("order", "sublayer"), progress=False)
+                   calibration=calibration, order=config.get("order", "sublayer"),
+                   batch_size=config.get("batch_size", 8), progress=False)
     start = time.perf_counter()
     if config["kind"] == "streamed":
         report = sf.prune_streamed(config["model"], config["out"], format=config.get("format", "auto"),
@@ -220,12 +221,14 @@ def compare(args, results, save) -> list[str]:
             theirs = _llmcompressor(args, default_model_dir(), method, pattern, sparsity, results, save)
             label = f"{method} {'50%' if sparsity else pattern}"
             for order in args.orders:
-                ours = _run({**base, "kind": "streamed", "out": str(args.work / "compare-out"),
-                             **({"order": order} if order != "sublayer" else {})}, args.threads, results, save)
-                rows.append(_compare_row(label, f"streamed, {order} order", ours, theirs))
+                for batch in args.batch_sizes:
+                    ours = _run({**base, "kind": "streamed", "out": str(args.work / "compare-out"),
+                                 **({"order": order} if order != "sublayer" else {}),
+                                 **({"batch_size": batch} if batch != 8 else {})}, args.threads, results, save)
+                    rows.append(_compare_row(label, f"streamed, {order} order, batch {batch}", ours, theirs))
             if args.in_memory:
                 mem = _run({**base, "kind": "memory"}, args.threads, results, save)
-                rows.append(_compare_row(label, "in memory, sublayer order", mem, theirs))
+                rows.append(_compare_row(label, "in memory, sublayer order, batch 8", mem, theirs))
     return [markdown_table(["config", "sparseforge path", "ppl ours", "ppl llm-compressor",
                             "s ours (blocks / all: reading and export included)", "s llm-compressor (oneshot)",
                             "time ratio (blocks / all)", "peak RSS MiB ours", "peak RSS MiB llm-compressor",
@@ -346,6 +349,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-memory", action="store_true", help="compare: also sparseforge's in-memory path")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8],
+                        help="compare: calibration windows per forward batch of the streamed runs")
     parser.add_argument("--orders", nargs="+", default=["sublayer"], choices=["sublayer", "block"],
                         help="compare: calibration orders of the streamed runs")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sparseforge-scale",
