@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -33,11 +32,12 @@ from ..dtypes import resolve_dtype
 from ..errors import CorruptCheckpointError, ModelNotFoundError, SparseforgeError
 from ..export.concatenate import concatenate_safetensors, write_tensor_file
 from ..export.integrity import digest
-from ..export.saving import ENCODINGS, WEIGHTS_METADATA, weights_file, write_export_files
+from ..export.formats import ENCODINGS
+from ..export.saving import WEIGHTS_METADATA, weights_file, write_export_files
 from ..memory import PeakMemory
 from ..models.default import default_model_dir
 from ..models.handle import LoadedModel
-from ..models.loading import _load_tokenizer, _read_config, resolve_device, resolve_model_directory
+from ..models.loading import _HUB_ID, _load_tokenizer, _read_config, resolve_device, resolve_model_directory
 from ..prune.pruner import check_calibration_memory, check_prune_request
 from ..prune.sequential import SequentialPlan, prune_data_free, prune_sequential
 from ..sparsity.patterns import NM
@@ -46,7 +46,6 @@ from .blocks import StreamedBlocks, dematerialize, materialize
 from .source import WeightSource
 
 CHECKPOINT_SUFFIX = "prune-streamed"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def source_directory(spec: str) -> Path:
@@ -57,7 +56,7 @@ def source_directory(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return resolve_model_directory(path)
-    if path.exists() or not _HUB_ID.match(spec):
+    if path.exists() or spec.startswith(("tiny-", ".", "/", "~")) or not _HUB_ID.match(spec):
         raise ModelNotFoundError(f"no such model directory: {spec} (streamed pruning reads a local safetensors "
                                  "checkpoint or a Hub id)")
     from huggingface_hub import snapshot_download
@@ -106,16 +105,15 @@ def streamed_format(fmt: str, plan: SequentialPlan) -> str:
     return "bitmask" if min(sparsities) > 1 / 32 else "dense"
 
 
-def expected_export_bytes(handle: LoadedModel, plan: SequentialPlan, fmt: str, dtype: torch.dtype) -> int:
+def expected_export_bytes(handle: LoadedModel, names: list[str], plan: SequentialPlan, fmt: str,
+                          dtype: torch.dtype) -> int:
     """Bytes of the export's weight file, from the shapes and the planned sparsities (before any weight is read)."""
-    names, _ = stored_names(handle.model)
     esize = torch.empty((), dtype=dtype).element_size()
     linears = {f"{v.name}.weight": v for v in handle.adapter.linears()}
+    state = handle.model.state_dict(keep_vars=True)
     total = 0
     for name in names:
-        tensor = handle.model.get_parameter(name) if name in dict(handle.model.named_parameters()) else None
-        numel = tensor.numel() if tensor is not None else handle.model.state_dict(keep_vars=True)[name].numel()
-        view = linears.get(name)
+        numel, view = state[name].numel(), linears.get(name)
         if view is None or fmt == "dense":
             total += numel * esize
             continue
@@ -126,7 +124,7 @@ def expected_export_bytes(handle: LoadedModel, plan: SequentialPlan, fmt: str, d
 
 def check_disk(out_dir: Path, checkpoint_dir: Path, export_bytes: int, hidden_bytes: int) -> None:
     """Refuse up front a run whose checkpoint pieces and export cannot fit on their disks."""
-    needs: dict[str, tuple[Path, int]] = {}
+    needs: dict[int, tuple[Path, int]] = {}  # per filesystem
     for where, amount in ((checkpoint_dir, export_bytes + 2 * hidden_bytes), (out_dir, export_bytes)):
         existing = next(p for p in [where, *where.parents] if p.exists())
         device = os.stat(existing).st_dev
@@ -190,11 +188,12 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     if restart:
         shutil.rmtree(checkpoints, ignore_errors=True)
     hidden_bytes = nsamples * seqlen * config.hidden_size * 4 if needs_calibration else 0
-    check_disk(out_dir, checkpoints, expected_export_bytes(handle, plan, fmt, export_dtype), hidden_bytes)
+    check_disk(out_dir, checkpoints, expected_export_bytes(handle, names, plan, fmt, export_dtype), hidden_bytes)
     if needs_calibration and not torch.is_tensor(calibration):
         check_calibration_memory(handle, nsamples, seqlen)
 
-    for name in _non_block_parameters(handle):
+    outside = _non_block_parameters(handle) if needs_calibration else []  # the capture needs them; nothing else does
+    for name in outside:
         materialize(handle.model, name, source.tensor(name, compute_dtype))
     settings = {"model": str(directory), "model_type": handle.model_type, "dtype": str(compute_dtype),
                 "model_digest": source.fingerprint, "export_format": fmt, "export_dtype": str(export_dtype),
@@ -214,7 +213,7 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
             prune_data_free(handle, plan, progress, store, checkpoint)
             report = {"method": plan.method.name, "pattern": plan.pattern.name, "target_sparsity": plan.sparsity,
                       "allocation": plan.allocation, "block_sparsity": plan.block_sparsity}
-    for name in _non_block_parameters(handle):
+    for name in outside:
         dematerialize(handle.model, name)
     report.setdefault("memory", {}).update(peak_rss_mib=round(peak.peak_mb, 1), start_rss_mib=round(peak.start_mb, 1))
     report = {"stage": "prune", "streamed": True, "source": str(model), "source_directory": str(directory),
