@@ -8,6 +8,9 @@ repeats, greedy, KV cache, batch 1):
 
 * ``torch fp32``: the dense model as users run it today (PyTorch, float32);
 * ``runtime dense fp16``: the same dense model in the runtime's own dense fp16 kernel (isolates precision);
+* ``runtime dense fp16, Python step`` (``--python-step``): the same, decoding through the per-layer Python step
+  instead of the native whole-model step (isolates what the native step saves per token);
+
 ``--model tinyllama-geometry`` builds a Llama with TinyLlama-1.1B's geometry (hidden 2048, 22 layers, 32 heads, 4
 KV heads, FFN 5632, vocab 32000, untied head) with random weights in memory: quality is not the point there, bytes
 are.
@@ -94,6 +97,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--python-step", action="store_true",
+                        help="also time runtime dense with the per-layer Python decode step")
     parser.add_argument("--out", default=None, help="default: results/runtime-<model>.md")
     args = parser.parse_args()
     args.out = args.out or str(Path(__file__).parent / "results" / f"runtime-{args.model}.md")
@@ -107,12 +112,16 @@ def main() -> None:
     dense = fresh(args.model, cached)
     install_runtime(dense, "dense")
     models = {"runtime dense fp16": dense.model}
+    if args.python_step:
+        python_step = fresh(args.model, cached)
+        install_runtime(python_step, "dense", native_decode=False)
+        models["runtime dense fp16, Python step"] = python_step.model
     for amount in args.amounts:
         handle = pruned(args.model, amount, cached)
         runtime = install_runtime(handle, "sparse")
         handle.masks.clear()  # packed into the layouts: the boolean masks (1 byte per weight) are not needed
         models[f"runtime sparse {amount}"] = handle.model
-        print(f"{amount}: layouts {runtime.summary()['layouts']}, lean decode layers {len(runtime.lean_layers)}")
+        print(f"{amount}: {runtime.describe()}")
     # the dense original last, so that a model built in memory is copied only while it is still needed
     models = {"torch fp32": cached.pop("model").model if cached else load_model(args.model).model, **models}
     measured = compare_speed(models, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,

@@ -74,9 +74,10 @@ def test_matmul_matches_reference(isa, kind, dtype):
     for out, in_features in SHAPES:
         bias = torch.randn(out, generator=gen)
         for label, packed in packings(kind, out, in_features, dtype, gen):
-            x = torch.randn(1 + 3 + 16, in_features, generator=gen)
-            y = torch.cat([kernels.matmul(rows, packed, bias, isa=isa) for rows in x.split((1, 3, 16))])
-            assert y.shape == (20, out) and y.dtype == torch.float32, label
+            # 1, 3 and 12 rows run the kernels; 20 rows (prefill-sized) decode once and run torch's GEMM
+            x = torch.randn(1 + 3 + 12 + 20, in_features, generator=gen)
+            y = torch.cat([kernels.matmul(rows, packed, bias, isa=isa) for rows in x.split((1, 3, 12, 20))])
+            assert y.shape == (36, out) and y.dtype == torch.float32, label
             assert_close(y, x, packed, bias)
 
 

@@ -35,7 +35,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _leanable(layer) -> bool:
+def leanable(layer) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     return (attn is not None and mlp is not None
             and all(isinstance(getattr(attn, n, None), SliceLinear) for n in ("q_proj", "k_proj", "v_proj"))
@@ -82,6 +82,7 @@ def _lean_forward(layer, original):
         gate_up = gate.fused.output_for(_rms_norm(hidden_states, second_norm))
         return hidden_states + down(act(gate_up[..., gate.start:gate.stop]) * gate_up[..., up.start:up.stop])
 
+    forward.lean = True  # the native step (native_decode.py) knows this override computes what the layer does
     return forward
 
 
@@ -92,7 +93,7 @@ def install_lean_decode(handle) -> list:
         return []
     changed = []
     for layer in handle.adapter.blocks():
-        if _leanable(layer):
+        if leanable(layer):
             layer.forward = _lean_forward(layer, layer.forward)
             changed.append(layer)
     return changed

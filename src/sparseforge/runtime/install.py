@@ -35,6 +35,7 @@ from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
 from .decode import install_lean_decode, remove_lean_decode
 from .linear import FusedLinear, HalfEmbedding, SliceLinear, SparseLinear
+from .native_decode import install_native_decode
 
 RUNTIMES = ("sparse", "dense", "auto")
 
@@ -127,14 +128,16 @@ class SparseRuntime:
     takes_over_ffn = False
 
     def __init__(self, handle: LoadedModel, mode: str, layers: list[LayerChoice], paths: dict[str, str],
-                 lean_layers: list):
+                 lean_layers: list, native_step=None):
         self.handle, self.mode, self.layers, self.paths, self.lean_layers = handle, mode, layers, paths, lean_layers
+        self.native_step = native_step  # the whole-model native decode step (native_decode.py), when it applies
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
         for layer in self.layers:
             counts[layer.layout] = counts.get(layer.layout, 0) + 1
         return {"mode": self.mode, "layouts": counts, "lean_decode_layers": len(self.lean_layers),
+                "native_decode": self.native_step is not None,
                 "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
                 "layers": [asdict(layer) for layer in self.layers]}
 
@@ -142,13 +145,16 @@ class SparseRuntime:
         summary = self.summary()
         layouts = ", ".join(f"{count} {layout}" for layout, count in summary["layouts"].items())
         read = summary["weight_bytes_per_token"] / 2**20
-        return f"runtime {self.mode}: {layouts} weight matrices, {read:.1f} MiB of weights read per token"
+        step = "native decode step" if self.native_step is not None else "Python decode step"
+        return f"runtime {self.mode}: {layouts} weight matrices, {read:.1f} MiB of weights read per token, {step}"
 
     def save(self, directory: Path) -> None:
         raise RuntimeRequestError("a model in the sparse runtime is for inference and is not saved; export it before "
                             "loading it with a runtime")
 
     def remove(self) -> None:
+        if self.native_step is not None:
+            self.native_step.remove()
         remove_lean_decode(self.lean_layers)
         model = self.handle.model
         modules = dict(model.named_modules())
@@ -166,10 +172,13 @@ class SparseRuntime:
             set_path(model, path, linear)
 
 
-def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_decode: bool = True) -> SparseRuntime:
+def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_decode: bool = True,
+                    native_decode: bool = True) -> SparseRuntime:
     """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment.
 
-    ``lean_decode``: Llama-style layers decode one token through :mod:`.decode` (same logits, less overhead)."""
+    ``lean_decode``: Llama-style layers decode one token through :mod:`.decode` (same logits, less overhead).
+    ``native_decode``: batch-1 decoding steps of such a model run all layers in one native call
+    (:mod:`.native_decode`; same logits to float32 rounding, least overhead)."""
     if mode not in RUNTIMES:
         raise RuntimeRequestError(f"unknown runtime '{mode}'; available: {', '.join(RUNTIMES)}")
     if handle.attachment("experts") is not None:
@@ -241,6 +250,8 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     # activations in float32 whatever the loaded dtype: the weights stay in their half-precision layouts, and CPU
     # half-precision elementwise ops (norms, attention, rotary) are slower than float32 ones
     handle.model.to(torch.float32)
-    runtime = SparseRuntime(handle, mode, layers, paths, install_lean_decode(handle) if lean_decode else [])
+    lean_layers = install_lean_decode(handle) if lean_decode else []
+    native_step = install_native_decode(handle, log) if native_decode else None
+    runtime = SparseRuntime(handle, mode, layers, paths, lean_layers, native_step)
     handle.attach(runtime)
     return runtime

@@ -34,7 +34,7 @@ from ..export.concatenate import concatenate_safetensors, write_tensor_file
 from ..export.integrity import digest
 from ..export.formats import ENCODINGS
 from ..export.saving import WEIGHTS_METADATA, weights_file, write_export_files
-from ..memory import PeakMemory
+from ..memory import PeakMemory, map_large_allocations
 from ..models.default import default_model_dir
 from ..models.handle import LoadedModel
 from ..models.loading import _HUB_ID, _load_tokenizer, _read_config, resolve_device, resolve_model_directory
@@ -163,6 +163,7 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     (``restart`` discards them), and they are removed once the export is complete.
     """
     started = time.perf_counter()
+    map_large_allocations()  # resident memory is then what is alive (see sparseforge.memory)
     out_dir = Path(out_dir)
     directory = source_directory(str(model))
     source = WeightSource(directory)  # every shard whole, or refused here

@@ -55,6 +55,11 @@ namespace portable {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+// Features [begin, end) of the weight as dense float32 rows [out, in] (no padding) in `dense`: for many rows of
+// x, where one decode and a GEMM beat decoding once per 4 rows.
+void unpack(const Problem&, const DenseWeight&, float* dense, int64_t, int64_t);
+void unpack(const Problem&, const BitmaskWeight&, float* dense, int64_t, int64_t);
+void unpack(const Problem&, const NMWeight&, float* dense, int64_t, int64_t);
 }  // namespace portable
 
 #if defined(__x86_64__) && defined(__GNUC__)

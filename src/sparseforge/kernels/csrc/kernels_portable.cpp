@@ -39,29 +39,34 @@ void run(const Problem& p, int64_t begin, int64_t end, Decode decode) {
   }
 }
 
-}  // namespace
-
-void dense(const Problem& p, const DenseWeight& w, int64_t begin, int64_t end) {
-  run(p, begin, end, [&](int64_t o, float* row) {
+// Row decoders: feature o's weights into row (in floats, zeroed by the caller)
+struct DenseRow {
+  const Problem& p;
+  const DenseWeight& w;
+  void operator()(int64_t o, float* row) const {
     const uint16_t* v = w.values + o * p.in;
     for (int64_t i = 0; i < p.in; ++i) row[i] = widen(v[i], p.bf16);
-  });
-}
+  }
+};
 
-void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t end) {
-  const int64_t chunks = (p.in + kWindow - 1) / kWindow;
-  run(p, begin, end, [&](int64_t o, float* row) {
+struct BitmaskRow {
+  const Problem& p;
+  const BitmaskWeight& w;
+  void operator()(int64_t o, float* row) const {
+    const int64_t chunks = (p.in + kWindow - 1) / kWindow;
     const uint16_t* v = w.values + w.offsets[o];
     for (int64_t c = 0; c < chunks; ++c)
       for (uint32_t m = w.masks[o * chunks + c]; m; m &= m - 1)
         row[c * kWindow + __builtin_ctz(m)] = widen(*v++, p.bf16);
-  });
-}
+  }
+};
 
-void nm(const Problem& p, const NMWeight& w, int64_t begin, int64_t end) {
-  const int bits = nm_bits(w.m), kept = kWindow / w.m * w.n;
-  const int64_t wbytes = nm_window_bytes(kept, bits), row_values = p.in / w.m * w.n;
-  run(p, begin, end, [&](int64_t o, float* row) {
+struct NMRow {
+  const Problem& p;
+  const NMWeight& w;
+  void operator()(int64_t o, float* row) const {
+    const int bits = nm_bits(w.m), kept = kWindow / w.m * w.n;
+    const int64_t wbytes = nm_window_bytes(kept, bits), row_values = p.in / w.m * w.n;
     const uint16_t* v = w.values + o * row_values;
     for (int64_t i = 0; i < row_values; ++i) {
       const int64_t win = i / kept, k = i % kept, bit = k * bits;
@@ -69,7 +74,35 @@ void nm(const Problem& p, const NMWeight& w, int64_t begin, int64_t end) {
       const unsigned field = (unsigned(pos[0]) | unsigned(pos[1]) << 8) >> (bit % 8);
       row[win * kWindow + k / w.n * w.m + (field & unsigned(w.m - 1))] = widen(v[i], p.bf16);
     }
-  });
+  }
+};
+
+// Features [begin, end) of the weight into dense[o * in ...] (float32, unpadded rows).
+template <class Decode>
+void unpack_rows(const Problem& p, float* dense, int64_t begin, int64_t end, Decode decode) {
+  for (int64_t o = begin; o < end; ++o) {
+    float* row = dense + o * p.in;
+    std::fill(row, row + p.in, 0.0f);
+    decode(o, row);
+  }
+}
+
+}  // namespace
+
+void dense(const Problem& p, const DenseWeight& w, int64_t begin, int64_t end) { run(p, begin, end, DenseRow{p, w}); }
+void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t end) {
+  run(p, begin, end, BitmaskRow{p, w});
+}
+void nm(const Problem& p, const NMWeight& w, int64_t begin, int64_t end) { run(p, begin, end, NMRow{p, w}); }
+
+void unpack(const Problem& p, const DenseWeight& w, float* dense, int64_t begin, int64_t end) {
+  unpack_rows(p, dense, begin, end, DenseRow{p, w});
+}
+void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begin, int64_t end) {
+  unpack_rows(p, dense, begin, end, BitmaskRow{p, w});
+}
+void unpack(const Problem& p, const NMWeight& w, float* dense, int64_t begin, int64_t end) {
+  unpack_rows(p, dense, begin, end, NMRow{p, w});
 }
 
 }  // namespace sf::portable

@@ -1,0 +1,25 @@
+// Instruction-set choice shared by the torch-facing drivers (ops.cpp: one matmul per call; decode.cpp: a whole
+// decode step per call): which kernels this build and this CPU can run, and the kernel of each layout for a name.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace sf {
+
+enum class Isa { portable, avx2, avx512, avx512_vbmi2 };
+
+// The instruction set called `name`; throws (a torch error) when unknown, not compiled in or not on this CPU.
+Isa parse_isa(const std::string& name);
+std::vector<std::string> cpu_isa_names();
+std::vector<std::string> compiled_isa_names();
+
+DenseKernel dense_kernel(Isa isa);
+BitmaskKernel bitmask_kernel(Isa isa);
+NMKernel nm_kernel(Isa isa);
+
+constexpr int64_t kGrain = 16;  // fewer output features than this run on one thread
+
+}  // namespace sf
