@@ -400,6 +400,41 @@ def skip_calibrate(
                 out_dir or _run_directory(model, f"skip{target:g}"), run=run)
 
 
+activation_app = typer.Typer(help="Activation sparsity while decoding (TEAL): per-layer input thresholds.",
+                               no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(activation_app, name="activations")
+
+
+@activation_app.command("calibrate")
+@stage_command(ppl=typer.Option(True, "--ppl/--no-ppl", help="perplexity before and after (with the thresholds)"),
+               format=DENSE_FORMAT)
+def activations_calibrate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    target: float = typer.Option(0.4, help="model-wide share of linear inputs zeroed (weighted by the weights "
+                                           "each entry reads), in [0, 1), e.g. 0.25-0.5"),
+    allocation: str = typer.Option("greedy", help="uniform: every site at the target; greedy: TEAL's block-wise "
+                                                  "greedy split between a block's four inputs"),
+    calibration: str = CALIBRATION,
+    nsamples: int = typer.Option(16, help="calibration windows"),
+    seqlen: int = typer.Option(512, help="tokens per calibration window"),
+    greedy_windows: int = typer.Option(4, help="windows the greedy walk runs each block on"),
+    step: float = typer.Option(0.05, help="greedy increment of one input's sparsity"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-act<target>)"),
+    run: RunOptions = None,
+) -> None:
+    """Calibrate which input entries of each linear are zeroed while decoding, and save the thresholds with the
+    model.
+
+    `sparseforge generate DIR`, `sparseforge eval DIR` and sparseforge.load_model(DIR) restore them; scored text is
+    computed with the same zeroing as decoding.
+    """
+    stage = {"activation_sparsity": {"target": target, "allocation": allocation, "nsamples": nsamples,
+                                     "seqlen": seqlen, "greedy_windows": greedy_windows, "step": step}}
+    _run_stages(model, [stage], {"calibration": calibration, "seed": seed},
+                out_dir or _run_directory(model, f"act{target:g}"), run=run)
+
+
 @app.command()
 @stage_command(speed=typer.Option(False, "--speed", help="measure prefill/decode speed, dense vs routed"),
                format=DENSE_FORMAT)

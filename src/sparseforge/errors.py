@@ -68,3 +68,7 @@ class SparseTrainingError(SparseforgeError):
 
 class SearchError(SparseforgeError):
     """Bad settings for the per-layer sparsity search (levels, target, cache budget, Ray address)."""
+
+
+class ActivationSparsityError(SparseforgeError):
+    """Activation-sparsity thresholds that do not fit the request or the model."""

@@ -17,6 +17,7 @@ METHOD_PACKAGES = (
     "retrain",  # stage retrain: PERP, full retraining, IMP, layer-wise reconstruction
     "structured",  # stages shrink and finercut: physically smaller models
     "skip",  # stage skip and attachment "skip": FFN skipping while decoding
+    "teal",  # stage activation_sparsity and its attachment: TEAL activation sparsity while decoding
     "moe",  # stage factorize and attachment "experts": FFNs as routed experts
     "dst",  # stage dst: dynamic sparse training
     "search",  # stage search: per-block sparsity search

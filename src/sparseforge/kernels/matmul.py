@@ -1,7 +1,7 @@
 """``matmul(x, packed)``: y = x @ W.T (+ bias) with W in a runtime layout, on the path :mod:`.dispatch` picks.
 
 x may have any leading dimensions and any floating dtype; it is computed in float32 and y is float32. The kernels
-are built for decode and small batches (1 to 15 rows: each weight chunk is decoded once per 4 rows); from 16 rows
+are built for decode and small batches (1 to 63 rows: each weight chunk is decoded once per 4 rows); from 64 rows
 on (prefill), the native path decodes the weight once to float32 and hands the product to PyTorch's blocked GEMM,
 which is the better tool once the product is compute-bound.
 """

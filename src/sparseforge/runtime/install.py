@@ -184,6 +184,9 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     if handle.attachment("experts") is not None:
         raise RuntimeRequestError("the sparse runtime cannot run routed experts (they slice the FFN weights per token); "
                             "load the factorized model without a runtime")
+    if handle.attachment("activation_sparsity") is not None:
+        raise RuntimeRequestError("the sparse runtime has no activation-skipping kernel yet, and its fused products "
+                                  "would bypass the activation thresholds; run this model without a runtime")
     if next(handle.model.parameters()).device.type != "cpu":
         raise RuntimeRequestError("the sparse runtime runs on the CPU; load the model with --device cpu")
     masks = handle.masks

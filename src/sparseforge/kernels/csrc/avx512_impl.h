@@ -101,6 +101,28 @@ struct BitmaskDecoder {
   SF_INLINE void load_tail(Cursor&, __mmask32, __m512&, __m512&) const {}
 };
 
+// ---- unpack: whole rows decoded to fp32, for a GEMM (prefill) -----------------------------------------------
+
+template <class Decoder>
+SF_TARGET void unpack_rows(const Problem& p, const Decoder& dec, float* dense, int64_t begin, int64_t end) {
+  __m512 lo, hi;
+  for (int64_t o = begin; o < end; ++o) {
+    typename Decoder::Cursor cur = dec.start(o);
+    float* row = dense + o * p.ldx;
+    const int64_t full = dec.full_chunks();
+    for (int64_t c = 0; c < full; ++c) {
+      dec.load(cur, lo, hi);
+      _mm512_storeu_ps(row + c * kWindow, lo);
+      _mm512_storeu_ps(row + c * kWindow + 16, hi);
+    }
+    if (const __mmask32 k = dec.tail_mask()) {  // ldx is a multiple of 32: the tail chunk fits the row
+      dec.load_tail(cur, k, lo, hi);
+      _mm512_storeu_ps(row + full * kWindow, lo);
+      _mm512_storeu_ps(row + full * kWindow + 16, hi);
+    }
+  }
+}
+
 // ---- expand kernel: decoded chunks times x --------------------------------------------------------------------
 
 template <int OB, int RB>

@@ -73,6 +73,23 @@ DenseKernel dense_kernel(Isa isa) {
   return portable::dense;
 }
 
+DenseUnpack dense_unpack(Isa isa) {
+#ifdef SF_X86
+  if (isa == Isa::avx512 || isa == Isa::avx512_vbmi2) return avx512::unpack;
+#endif
+  (void)isa;
+  return nullptr;
+}
+
+BitmaskUnpack bitmask_unpack(Isa isa) {
+#ifdef SF_X86
+  if (isa == Isa::avx512) return avx512::unpack;
+  if (isa == Isa::avx512_vbmi2) return avx512_vbmi2::unpack;
+#endif
+  (void)isa;
+  return nullptr;
+}
+
 BitmaskKernel bitmask_kernel(Isa isa) {
 #ifdef SF_X86
   switch (isa) {

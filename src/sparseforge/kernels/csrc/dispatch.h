@@ -19,6 +19,9 @@ std::vector<std::string> compiled_isa_names();
 DenseKernel dense_kernel(Isa isa);
 BitmaskKernel bitmask_kernel(Isa isa);
 NMKernel nm_kernel(Isa isa);
+// nullptr where the instruction set has no vectorised unpack (Linear then unpacks bits and lets torch widen them)
+DenseUnpack dense_unpack(Isa isa);
+BitmaskUnpack bitmask_unpack(Isa isa);
 
 constexpr int64_t kGrain = 16;  // fewer output features than this run on one thread
 

@@ -50,16 +50,20 @@ struct DenseWeight {
 using BitmaskKernel = void (*)(const Problem&, const BitmaskWeight&, int64_t begin, int64_t end);
 using NMKernel = void (*)(const Problem&, const NMWeight&, int64_t begin, int64_t end);
 using DenseKernel = void (*)(const Problem&, const DenseWeight&, int64_t begin, int64_t end);
+// Features [begin, end) decoded to float32 rows of stride p.ldx in `dense` (zeros past `in`), for prefill-sized x,
+// where one decode and a GEMM beat decoding once per 4 rows. Vectorised paths only; elsewhere see portable::unpack.
+using DenseUnpack = void (*)(const Problem&, const DenseWeight&, float* dense, int64_t begin, int64_t end);
+using BitmaskUnpack = void (*)(const Problem&, const BitmaskWeight&, float* dense, int64_t begin, int64_t end);
 
 namespace portable {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
-// Features [begin, end) of the weight as dense float32 rows [out, in] (no padding) in `dense`: for many rows of
-// x, where one decode and a GEMM beat decoding once per 4 rows.
-void unpack(const Problem&, const DenseWeight&, float* dense, int64_t, int64_t);
-void unpack(const Problem&, const BitmaskWeight&, float* dense, int64_t, int64_t);
-void unpack(const Problem&, const NMWeight&, float* dense, int64_t, int64_t);
+// Features [begin, end) of a compressed weight as dense fp16/bf16 rows [out, in] (no padding) in `dense`: for many
+// rows of x, where one decode and a GEMM beat decoding once per 4 rows. (Bits are copied, not converted: torch's
+// vectorised conversion to float32 follows.)
+void unpack(const Problem&, const BitmaskWeight&, uint16_t* dense, int64_t, int64_t);
+void unpack(const Problem&, const NMWeight&, uint16_t* dense, int64_t, int64_t);
 }  // namespace portable
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -73,9 +77,12 @@ namespace avx512 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
+void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 }  // namespace avx512
 namespace avx512_vbmi2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
+void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 }  // namespace avx512_vbmi2
 #endif
 

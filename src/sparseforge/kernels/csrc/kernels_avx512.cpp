@@ -25,6 +25,22 @@ void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t en
   }
 }
 
+void unpack(const Problem& p, const DenseWeight& w, float* dense, int64_t begin, int64_t end) {
+  if (p.bf16) {
+    unpack_rows(p, DenseDecoder<true>{w, p.in}, dense, begin, end);
+  } else {
+    unpack_rows(p, DenseDecoder<false>{w, p.in}, dense, begin, end);
+  }
+}
+
+void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begin, int64_t end) {
+  if (p.bf16) {
+    unpack_rows(p, BitmaskDecoder<true>{w, p.in, p.out}, dense, begin, end);
+  } else {
+    unpack_rows(p, BitmaskDecoder<false>{w, p.in, p.out}, dense, begin, end);
+  }
+}
+
 template <bool BF16>
 static void nm_typed(const Problem& p, const NMWeight& w, int64_t begin, int64_t end) {
   const GatherContext ctx(w, p.in);

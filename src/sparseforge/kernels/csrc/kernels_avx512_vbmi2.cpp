@@ -18,5 +18,13 @@ void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t en
   }
 }
 
+void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begin, int64_t end) {
+  if (p.bf16) {
+    unpack_rows(p, BitmaskDecoder<true>{w, p.in, p.out}, dense, begin, end);
+  } else {
+    unpack_rows(p, BitmaskDecoder<false>{w, p.in, p.out}, dense, begin, end);
+  }
+}
+
 }  // namespace sf::avx512_vbmi2
 #endif

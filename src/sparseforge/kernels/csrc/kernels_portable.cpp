@@ -3,6 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
@@ -10,9 +11,18 @@
 namespace sf::portable {
 namespace {
 
-float widen(uint16_t h, bool bf16) {
-  return bf16 ? c10::detail::f32_from_bits(h) : c10::detail::fp16_ieee_to_fp32_value(h);
+// fp16 -> fp32 by table (256 KiB, built once): the bit-twiddling conversion costs several ns per value, which
+// made decoding a whole weight for the GEMM path slower than the product itself.
+const float* half_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(1 << 16);
+    for (uint32_t h = 0; h < t.size(); ++h) t[h] = c10::detail::fp16_ieee_to_fp32_value(uint16_t(h));
+    return t;
+  }();
+  return table.data();
 }
+
+float widen(uint16_t h, bool bf16) { return bf16 ? c10::detail::f32_from_bits(h) : half_table()[h]; }
 
 // y[:, o] for every row of x from the decoded fp32 weights of feature o
 void dot_rows(const Problem& p, const float* w, int64_t o) {
@@ -28,61 +38,64 @@ void dot_rows(const Problem& p, const float* w, int64_t o) {
   }
 }
 
-// Runs decode(o, row) then dot_rows for each feature; row has ldx zeroed floats on entry.
+// Runs decode(o, bits) then dot_rows on the widened row for each feature.
 template <class Decode>
 void run(const Problem& p, int64_t begin, int64_t end, Decode decode) {
+  std::vector<uint16_t> bits(p.ldx);
   std::vector<float> row(p.ldx);
   for (int64_t o = begin; o < end; ++o) {
-    std::fill(row.begin(), row.end(), 0.0f);
-    decode(o, row.data());
+    std::fill(bits.begin(), bits.end(), uint16_t(0));
+    decode(o, bits.data());
+    for (int64_t i = 0; i < p.ldx; ++i) row[i] = widen(bits[i], p.bf16);
     dot_rows(p, row.data(), o);
   }
 }
 
-// Row decoders: feature o's weights into row (in floats, zeroed by the caller)
+// Row decoders: feature o's weights into row as fp16/bf16 bits (zeroed by the caller; 0 is +0.0 in both)
 struct DenseRow {
   const Problem& p;
   const DenseWeight& w;
-  void operator()(int64_t o, float* row) const {
-    const uint16_t* v = w.values + o * p.in;
-    for (int64_t i = 0; i < p.in; ++i) row[i] = widen(v[i], p.bf16);
-  }
+  void operator()(int64_t o, uint16_t* row) const { std::copy(w.values + o * p.in, w.values + (o + 1) * p.in, row); }
 };
 
 struct BitmaskRow {
   const Problem& p;
   const BitmaskWeight& w;
-  void operator()(int64_t o, float* row) const {
+  void operator()(int64_t o, uint16_t* row) const {
     const int64_t chunks = (p.in + kWindow - 1) / kWindow;
     const uint16_t* v = w.values + w.offsets[o];
     for (int64_t c = 0; c < chunks; ++c)
       for (uint32_t m = w.masks[o * chunks + c]; m; m &= m - 1)
-        row[c * kWindow + __builtin_ctz(m)] = widen(*v++, p.bf16);
+        row[c * kWindow + __builtin_ctz(m)] = *v++;
   }
 };
 
 struct NMRow {
   const Problem& p;
   const NMWeight& w;
-  void operator()(int64_t o, float* row) const {
+  void operator()(int64_t o, uint16_t* row) const {
     const int bits = nm_bits(w.m), kept = kWindow / w.m * w.n;
-    const int64_t wbytes = nm_window_bytes(kept, bits), row_values = p.in / w.m * w.n;
-    const uint16_t* v = w.values + o * row_values;
-    for (int64_t i = 0; i < row_values; ++i) {
-      const int64_t win = i / kept, k = i % kept, bit = k * bits;
-      const uint8_t* pos = w.positions + o * w.pos_stride + win * wbytes + bit / 8;
-      const unsigned field = (unsigned(pos[0]) | unsigned(pos[1]) << 8) >> (bit % 8);
-      row[win * kWindow + k / w.n * w.m + (field & unsigned(w.m - 1))] = widen(v[i], p.bf16);
+    const int64_t wbytes = nm_window_bytes(kept, bits);
+    const uint16_t* v = w.values + o * (p.in / w.m * w.n);
+    const uint8_t* pos = w.positions + o * w.pos_stride;
+    for (int64_t start = 0; start < p.in; start += kWindow, pos += wbytes) {  // window by window, no divisions
+      const int groups = int(std::min<int64_t>(kWindow, p.in - start) / w.m);
+      for (int g = 0, k = 0; g < groups; ++g)
+        for (int j = 0; j < w.n; ++j, ++k) {
+          const int bit = k * bits;
+          const unsigned field = (unsigned(pos[bit / 8]) | unsigned(pos[bit / 8 + 1]) << 8) >> (bit % 8);
+          row[start + g * w.m + (field & unsigned(w.m - 1))] = *v++;
+        }
     }
   }
 };
 
-// Features [begin, end) of the weight into dense[o * in ...] (float32, unpadded rows).
+// Features [begin, end) of the weight into dense[o * in ...] (fp16/bf16 bits, unpadded rows).
 template <class Decode>
-void unpack_rows(const Problem& p, float* dense, int64_t begin, int64_t end, Decode decode) {
+void unpack_rows(const Problem& p, uint16_t* dense, int64_t begin, int64_t end, Decode decode) {
   for (int64_t o = begin; o < end; ++o) {
-    float* row = dense + o * p.in;
-    std::fill(row, row + p.in, 0.0f);
+    uint16_t* row = dense + o * p.in;
+    std::fill(row, row + p.in, uint16_t(0));
     decode(o, row);
   }
 }
@@ -95,13 +108,10 @@ void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t en
 }
 void nm(const Problem& p, const NMWeight& w, int64_t begin, int64_t end) { run(p, begin, end, NMRow{p, w}); }
 
-void unpack(const Problem& p, const DenseWeight& w, float* dense, int64_t begin, int64_t end) {
-  unpack_rows(p, dense, begin, end, DenseRow{p, w});
-}
-void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begin, int64_t end) {
+void unpack(const Problem& p, const BitmaskWeight& w, uint16_t* dense, int64_t begin, int64_t end) {
   unpack_rows(p, dense, begin, end, BitmaskRow{p, w});
 }
-void unpack(const Problem& p, const NMWeight& w, float* dense, int64_t begin, int64_t end) {
+void unpack(const Problem& p, const NMWeight& w, uint16_t* dense, int64_t begin, int64_t end) {
   unpack_rows(p, dense, begin, end, NMRow{p, w});
 }
 

@@ -8,6 +8,8 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
+#include <vector>
+
 namespace sf {
 namespace {
 
@@ -34,6 +36,7 @@ Linear Linear::dense(const at::Tensor& values, const std::optional<at::Tensor>& 
   Linear linear(Kind::dense, values.size(0), values.size(1), values, bias);
   linear.dense_ = DenseWeight{raw16(values)};
   linear.dense_kernel_ = dense_kernel(isa);
+  linear.dense_unpack_ = dense_unpack(isa);
   return linear;
 }
 
@@ -49,6 +52,7 @@ Linear Linear::bitmask(const at::Tensor& values, const at::Tensor& masks, const 
   Linear linear(Kind::bitmask, out, in, values, bias);
   linear.bitmask_ = BitmaskWeight{raw16(values), reinterpret_cast<const uint32_t*>(masks.data_ptr<int32_t>()), off};
   linear.bitmask_kernel_ = bitmask_kernel(isa);
+  linear.bitmask_unpack_ = bitmask_unpack(isa);
   return linear;
 }
 
@@ -81,22 +85,41 @@ void Linear::run(const float* x, int64_t rows, float* y) const {
 }
 
 void Linear::run_gemm(const float* x, int64_t rows, float* y) const {
-  at::Tensor dense = at::empty({out_, in_}, at::kFloat);
-  float* d = dense.data_ptr<float>();
+  // Buffers per calling thread, reused: a fresh 4-40 MB tensor per call would be mapped and page-faulted afresh.
+  // (Named pointers go into the workers: inside them a thread_local would be each worker's own.)
+  thread_local std::vector<float> widened;
   const Problem p{x, padded_in(), rows, y, out_, in_, bias_, bf16_};
-  at::parallel_for(0, out_, kGrain, [&](int64_t begin, int64_t end) {
-    switch (kind_) {
-      case Kind::dense: portable::unpack(p, dense_, d, begin, end); break;
-      case Kind::bitmask: portable::unpack(p, bitmask_, d, begin, end); break;
-      case Kind::nm: portable::unpack(p, nm_, d, begin, end); break;
+  at::Tensor weight;
+  if ((kind_ == Kind::dense && dense_unpack_) || (kind_ == Kind::bitmask && bitmask_unpack_)) {
+    widened.resize(size_t(out_ * padded_in()));
+    float* target = widened.data();
+    at::parallel_for(0, out_, kGrain, [&](int64_t begin, int64_t end) {
+      if (kind_ == Kind::dense) dense_unpack_(p, dense_, target, begin, end);
+      else bitmask_unpack_(p, bitmask_, target, begin, end);
+    });
+    weight = at::from_blob(target, {out_, in_}, {padded_in(), 1}, at::kFloat);
+  } else {
+    thread_local std::vector<uint16_t> bits;
+    const uint16_t* source = dense_.values;
+    if (kind_ != Kind::dense) {
+      bits.resize(size_t(out_ * in_));
+      uint16_t* target = bits.data();
+      at::parallel_for(0, out_, kGrain, [&](int64_t begin, int64_t end) {
+        if (kind_ == Kind::bitmask) portable::unpack(p, bitmask_, target, begin, end);
+        else portable::unpack(p, nm_, target, begin, end);
+      });
+      source = target;
     }
-  });
+    widened.resize(size_t(out_ * in_));
+    weight = at::from_blob(widened.data(), {out_, in_}, at::kFloat);
+    weight.copy_(at::from_blob(const_cast<uint16_t*>(source), {out_, in_}, bf16_ ? at::kBFloat16 : at::kHalf));
+  }
   const at::Tensor xs = at::from_blob(const_cast<float*>(x), {rows, in_}, {padded_in(), 1}, at::kFloat);
   at::Tensor ys = at::from_blob(y, {rows, out_}, at::kFloat);
   if (bias_) {
-    at::addmm_out(ys, at::from_blob(const_cast<float*>(bias_), {out_}, at::kFloat), xs, dense.t());
+    at::addmm_out(ys, at::from_blob(const_cast<float*>(bias_), {out_}, at::kFloat), xs, weight.t());
   } else {
-    at::mm_out(ys, xs, dense.t());
+    at::mm_out(ys, xs, weight.t());
   }
 }
 

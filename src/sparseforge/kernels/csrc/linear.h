@@ -12,7 +12,9 @@
 
 namespace sf {
 
-constexpr int64_t kGemmRows = 16;
+// From this many rows of x on, one decode of the weight and torch's GEMM beat the kernels (measured break-even on
+// the default model's and a 7B's shapes: about 50-100 rows; docs/kernels.md).
+constexpr int64_t kGemmRows = 64;
 
 class Linear {
  public:
@@ -46,6 +48,8 @@ class Linear {
   DenseKernel dense_kernel_ = nullptr;
   BitmaskKernel bitmask_kernel_ = nullptr;
   NMKernel nm_kernel_ = nullptr;
+  DenseUnpack dense_unpack_ = nullptr;
+  BitmaskUnpack bitmask_unpack_ = nullptr;
 };
 
 }  // namespace sf
