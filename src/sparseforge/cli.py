@@ -413,12 +413,14 @@ def activations_calibrate(
     target: float = typer.Option(0.4, help="model-wide share of linear inputs zeroed (weighted by the weights "
                                            "each entry reads), in [0, 1), e.g. 0.25-0.5"),
     allocation: str = typer.Option("greedy", help="uniform: every site at the target; greedy: TEAL's block-wise "
-                                                  "greedy split between a block's four inputs"),
+                                                  "greedy split between a block's four inputs; searched: EvoPress "
+                                                  "levels per block, each split greedily"),
     calibration: str = CALIBRATION,
     nsamples: int = typer.Option(16, help="calibration windows"),
     seqlen: int = typer.Option(512, help="tokens per calibration window"),
     greedy_windows: int = typer.Option(4, help="windows the greedy walk runs each block on"),
     step: float = typer.Option(0.05, help="greedy increment of one input's sparsity"),
+    generations: int = typer.Option(20, help="searched: EvoPress generations"),
     seed: int = typer.Option(0, help="seed for drawing calibration windows"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="run directory (default runs/<model>-act<target>)"),
     run: RunOptions = None,
@@ -430,7 +432,8 @@ def activations_calibrate(
     computed with the same zeroing as decoding.
     """
     stage = {"activation_sparsity": {"target": target, "allocation": allocation, "nsamples": nsamples,
-                                     "seqlen": seqlen, "greedy_windows": greedy_windows, "step": step}}
+                                     "seqlen": seqlen, "greedy_windows": greedy_windows, "step": step,
+                                     "generations": generations}}
     _run_stages(model, [stage], {"calibration": calibration, "seed": seed},
                 out_dir or _run_directory(model, f"act{target:g}"), run=run)
 

@@ -115,6 +115,23 @@ def test_greedy_allocation_reaches_the_target_per_block_and_beats_uniform_on_blo
     assert not torch.equal(greedy_logits, dense_logits) and not torch.equal(uniform_logits, dense_logits)
 
 
+def test_searched_allocation_keeps_the_target_and_never_loses_to_its_uniform_start():
+    from sparseforge.teal.allocation import block_sparsity
+
+    handle = deep(dtype=torch.float32)
+    attachment = calibrate_activation_sparsity(handle, 0.4, "searched", calibration=windows(handle), greedy_windows=2,
+                                               generations=4, progress=False)
+    thresholds = attachment.thresholds
+    search = thresholds.calibration["search"]
+    levels = search["block_levels"]
+    assert thresholds.allocation == "searched" and sum(levels) / len(levels) == pytest.approx(0.4)
+    for block, weights, level in zip(thresholds.sparsity, thresholds.weights, levels):
+        assert level - 1e-9 <= block_sparsity(block, weights) < level + 0.05
+    fitness = [entry["fitness"] for entry in search["history"]]
+    assert fitness[-1] <= fitness[0]  # elitist: the balanced start stays in the race
+    assert search["evaluations"] > 1
+
+
 def test_saved_thresholds_are_restored_by_load_model_and_refused_for_other_weights(tmp_path):
     handle = deep(dtype=torch.float32)
     install_thresholds(handle, statistics(handle).uniform(0.3))

@@ -12,6 +12,7 @@ cached, with a PyTorch fallback) in :mod:`.build` and the choice of instruction 
 See ``docs/kernels.md`` for the design and the measured speed.
 """
 
+from .columns import ColumnWeight, column_matmul, pack_columns
 from .convert import from_bitmask_export, from_nm_export
 from .dispatch import ISA_CHOICES, NATIVE_ISAS, isa_info
 from .layouts import BitmaskWeight, DenseWeight, KernelInputError, NMWeight, PackedWeight
@@ -19,6 +20,6 @@ from .matmul import PreparedMatmul, matmul
 from .packing import pack_bitmask, pack_dense, pack_nm
 from .reference import dequantize
 
-__all__ = ["BitmaskWeight", "DenseWeight", "ISA_CHOICES", "KernelInputError", "NATIVE_ISAS", "NMWeight",
-           "PackedWeight", "PreparedMatmul", "dequantize", "from_bitmask_export", "from_nm_export", "isa_info", "matmul",
-           "pack_bitmask", "pack_dense", "pack_nm"]
+__all__ = ["BitmaskWeight", "ColumnWeight", "DenseWeight", "ISA_CHOICES", "KernelInputError", "NATIVE_ISAS", "NMWeight",
+           "PackedWeight", "PreparedMatmul", "column_matmul", "dequantize", "from_bitmask_export", "from_nm_export", "isa_info", "matmul",
+           "pack_bitmask", "pack_columns", "pack_dense", "pack_nm"]

@@ -7,6 +7,8 @@
    bytes a column-skipping kernel would not read):
 
    * ``uniform``: every site of every block at the target;
+   * ``searched``: one level per block found by the project's EvoPress search (:mod:`.search`), each block
+     split between its sites by its greedy walk;
    * ``greedy`` (TEAL's block-wise greedy): every block at the target, split between its sites by a greedy walk
      on the block's dense calibration input: from all sites dense, repeatedly raise by ``step`` the site whose
      raise costs the least increase of the block output's squared error per unit of block sparsity gained, until
@@ -26,9 +28,11 @@ from ..calibration.data import calibration_data
 from ..errors import ActivationSparsityError
 from ..models.fingerprint import model_fingerprint
 from ..models.handle import LoadedModel
+from .allocation import allocation_from_paths, block_sparsity
 from .runtime import ActivationSparsity, install_thresholds
+from .search import search_levels, searched_allocation
 from .sites import model_sites
-from .thresholds import GRID, ActivationThresholds, check_target, threshold_at
+from .thresholds import ALLOCATIONS, GRID, ActivationThresholds, check_target, threshold_at
 
 SAMPLE_PER_SITE = 1 << 18
 MIN_TOKENS = 256  # fewer calibration tokens give quantiles of a few hundred values per channel row: refused
@@ -80,11 +84,6 @@ def site_statistics(handle: LoadedModel, windows: torch.Tensor, batch_size: int 
                                 calibration={"windows": int(len(windows)), "tokens": int(windows.numel())})
 
 
-def _block_sparsity(sparsity: dict[str, float], weights: dict[str, int]) -> float:
-    total = sum(weights.values())
-    return sum(sparsity[s] * weights[s] for s in sparsity) / total if total else 0.0
-
-
 @torch.no_grad()
 def greedy_paths(handle: LoadedModel, statistics: ActivationThresholds, windows: torch.Tensor, up_to: float,
                  step: float = 0.05, progress: bool = True) -> list[list[dict[str, float]]]:
@@ -103,7 +102,7 @@ def greedy_paths(handle: LoadedModel, statistics: ActivationThresholds, windows:
             dense = adapter.run_block(block, hidden, arguments[block])
             current = dict.fromkeys(weights, 0.0)
             path, error = [dict(current)], 0.0
-            while _block_sparsity(current, weights) < up_to - 1e-9:
+            while block_sparsity(current, weights) < up_to - 1e-9:
                 best = None
                 for site in weights:
                     if current[site] + step > MAX_SITE_SPARSITY + 1e-9:
@@ -112,7 +111,7 @@ def greedy_paths(handle: LoadedModel, statistics: ActivationThresholds, windows:
                     working.thresholds[block] = {s: threshold_at(statistics.quantiles[block][s], v)
                                                  for s, v in trial.items()}
                     trial_error = float((adapter.run_block(block, hidden, arguments[block]) - dense).pow(2).mean())
-                    gained = _block_sparsity(trial, weights) - _block_sparsity(current, weights)
+                    gained = block_sparsity(trial, weights) - block_sparsity(current, weights)
                     cost = (trial_error - error) / gained
                     if best is None or cost < best[0]:
                         best = (cost, site, trial_error)
@@ -129,27 +128,18 @@ def greedy_paths(handle: LoadedModel, statistics: ActivationThresholds, windows:
     return paths
 
 
-def allocation_from_paths(paths: list[list[dict[str, float]]], weights: list[dict[str, int]], target: float
-                          ) -> list[dict[str, float]]:
-    """Per block, the first point of its greedy walk at or above ``target`` (the last if the walk stopped short)."""
-    chosen = []
-    for path, block_weights in zip(paths, weights):
-        chosen.append(next((point for point in path if _block_sparsity(point, block_weights) >= target - 1e-9),
-                           path[-1]))
-    return chosen
-
-
 def calibrate_activation_sparsity(handle: LoadedModel, target: float, allocation: str = "greedy",
                                   calibration="default", nsamples: int = 16, seqlen: int = 512, seed: int = 0,
-                                  greedy_windows: int = 4, step: float = 0.05,
+                                  greedy_windows: int = 4, step: float = 0.05, generations: int = 20,
                                   progress: bool = True) -> ActivationSparsity:
     """Calibrate thresholds for ``target`` model-wide activation sparsity and install them on ``handle``.
 
     ``greedy_windows`` of the calibration windows feed the greedy walk (each step runs the block on them);
-    ``step`` is its increment of one site's sparsity."""
+    ``step`` is its increment of one site's sparsity; ``generations``: the search's (``searched`` only), on the
+    first two of those windows."""
     check_target(target)
-    if allocation not in ("uniform", "greedy"):
-        raise ActivationSparsityError(f"unknown allocation '{allocation}'; available: uniform, greedy")
+    if allocation not in ALLOCATIONS:
+        raise ActivationSparsityError(f"unknown allocation '{allocation}'; available: {', '.join(ALLOCATIONS)}")
     if not 0 < step <= 0.5:
         raise ActivationSparsityError(f"greedy step {step:g} is outside (0, 0.5]")
     started = time.perf_counter()
@@ -158,10 +148,16 @@ def calibrate_activation_sparsity(handle: LoadedModel, target: float, allocation
     statistics = site_statistics(handle, windows, seed=seed, progress=progress)
     if allocation == "uniform" or target == 0:
         thresholds = statistics.uniform(target)
-    else:
+    elif allocation == "greedy":
         paths = greedy_paths(handle, statistics, windows[:greedy_windows], target, step, progress)
         thresholds = statistics.with_allocation(allocation_from_paths(paths, statistics.weights, target),
                                                 "greedy", target)
+    else:
+        paths = greedy_paths(handle, statistics, windows[:greedy_windows], search_levels(target)[-1], step, progress)
+        chosen, history = searched_allocation(handle, statistics, paths, windows[:2], target, generations,
+                                              seed=seed, progress=progress)
+        thresholds = statistics.with_allocation(chosen, "searched", target)
+        thresholds.calibration["search"] = history
     thresholds.calibration.update(seed=seed, seqlen=seqlen, step=step, greedy_windows=greedy_windows,
                                   seconds=round(time.perf_counter() - started, 1))
     attachment = install_thresholds(handle, thresholds)

@@ -30,3 +30,25 @@ def plot_activation_sparsity(record: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_quality_against_skipping(cells: dict, skip_curve: list[tuple[float, float]], path: Path) -> None:
+    """Perplexity against ideal decode speed-up: each allocation's cells, FFN skipping's curve, the dense model."""
+    fig, axis = plt.subplots(figsize=(6.0, 4.2))
+    by_allocation: dict[str, list[tuple[float, float]]] = {}
+    for name, cell in cells.items():
+        if name != "dense":
+            by_allocation.setdefault(name.split()[0], []).append((cell["ideal_decode"], cell["perplexity"]))
+    for allocation, points in by_allocation.items():
+        points.sort()
+        axis.plot(*zip(*points), marker="o", label=f"activation sparsity, {allocation}")
+    if skip_curve:
+        axis.plot(*zip(*skip_curve), marker="s", linestyle="--", label="FFN skipping (adaptive)")
+    axis.axhline(cells["dense"]["perplexity"], color="grey", linestyle=":", label="dense")
+    axis.set_yscale("log")
+    axis.set_xlabel("ideal decode speed-up (multiply-accumulates)")
+    axis.set_ylabel("perplexity (default evaluation text)")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -24,11 +24,12 @@ class ActivationSparsityStage(StrictSettings):
 
     target: float = Field(0.4, description="model-wide share of input entries zeroed, weighted by the weights "
                                            "each reads, in [0, 1)")
-    allocation: Literal["uniform", "greedy"] = "greedy"
+    allocation: Literal["uniform", "greedy", "searched"] = "greedy"
     nsamples: int = Field(16, ge=1, description="calibration windows")
     seqlen: int = Field(512, ge=2)
     greedy_windows: int = Field(4, ge=1, description="windows the greedy walk runs each block on")
     step: float = Field(0.05, gt=0, le=0.5, description="greedy increment of one site's sparsity")
+    generations: int = Field(20, ge=1, description="searched: EvoPress generations")
 
     @field_validator("target")
     @classmethod
@@ -41,7 +42,8 @@ class ActivationSparsityStage(StrictSettings):
 def run_stage(handle, config: ActivationSparsityStage, context: StageContext) -> None:
     data = context.recipe.data
     calibrate_activation_sparsity(handle, config.target, config.allocation, data.calibration, config.nsamples,
-                                  config.seqlen, data.seed, config.greedy_windows, config.step, context.progress)
+                                  config.seqlen, data.seed, config.greedy_windows, config.step, config.generations,
+                                  context.progress)
 
 
 def report_stage(stage: dict, after: dict) -> tuple[str, list[str]]:

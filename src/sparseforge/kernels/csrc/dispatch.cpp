@@ -90,6 +90,14 @@ BitmaskUnpack bitmask_unpack(Isa isa) {
   return nullptr;
 }
 
+ColumnKernel column_kernel(Isa isa) {
+#ifdef SF_X86
+  if (isa == Isa::avx512 || isa == Isa::avx512_vbmi2) return avx512::column;
+#endif
+  (void)isa;
+  return portable::column;
+}
+
 BitmaskKernel bitmask_kernel(Isa isa) {
 #ifdef SF_X86
   switch (isa) {

@@ -55,7 +55,25 @@ using DenseKernel = void (*)(const Problem&, const DenseWeight&, int64_t begin, 
 using DenseUnpack = void (*)(const Problem&, const DenseWeight&, float* dense, int64_t begin, int64_t end);
 using BitmaskUnpack = void (*)(const Problem&, const BitmaskWeight&, float* dense, int64_t begin, int64_t end);
 
+// Column layout, for activation sparsity (TEAL): output features in tiles of kTile; within a tile, the weights of
+// one input are contiguous, so the weights of an input whose activation is zero are never read. Dense: values
+// [tiles][in][kTile] (padding outputs zero). Bitmask: per (tile, input) a 64-bit mask of the kept outputs, and the
+// kept values compacted, those of (tile t, input i) from values + bases[t] + offsets[t * in + i]. values has kTile
+// readable padding elements past the end.
+constexpr int64_t kTile = 64;
+struct ColumnWeight {
+  const uint16_t* values;
+  const uint64_t* masks;    // nullptr: dense
+  const uint32_t* offsets;  // bitmask only
+  const int64_t* bases;     // bitmask only
+};
+// y[out] = sum over the listed inputs i of x[i] * W[:, i] (+ bias), one row of x; output tiles [begin, end).
+using ColumnKernel = void (*)(const float* x, const int32_t* active, int64_t count, const ColumnWeight&, int64_t in,
+                              int64_t out, const float* bias, bool bf16, float* y, int64_t begin, int64_t end);
+
 namespace portable {
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, int64_t, const float*, bool, float*,
+            int64_t, int64_t);
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
@@ -79,6 +97,8 @@ void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
 void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, int64_t, const float*, bool, float*,
+            int64_t, int64_t);
 }  // namespace avx512
 namespace avx512_vbmi2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);

@@ -1,0 +1,111 @@
+"""The column layout, for activation sparsity: ``y = x' @ W.T (+ bias)`` where ``x'`` is ``x`` with its entries of
+magnitude below a threshold zeroed, reading only the weights of the inputs left.
+
+Row layouts (:mod:`.layouts`) keep a weight row's inputs together, so a zero input saves nothing: its weights sit
+in the same cache lines as its neighbours'. Here output features are grouped in tiles of :data:`TILE` and, within
+a tile, the weights of one input are contiguous (128 bytes dense), so the weights of a zeroed input are never
+read. :class:`ColumnWeight` is dense when ``masks`` is None, else it keeps only a weight mask's kept values: per
+(tile, input) a 64-bit mask of the kept outputs and the values compacted, which stacks weight sparsity on
+activation sparsity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .build import native
+from .dispatch import resolve_isa
+from .layouts import KernelInputError, check_value_dtype
+from .packing import _checked_mask, _checked_weight
+
+TILE = 64  # output features per tile (kernels.h: kTile)
+
+
+@dataclass(frozen=True)
+class ColumnWeight:
+    values: torch.Tensor  # fp16/bf16; dense: [tiles * in * 64 + 64]; bitmask: the kept values + 64 padding
+    masks: torch.Tensor | None  # int64 [tiles * in]: bit j of (tile t, input i) = output 64t + j kept
+    offsets: torch.Tensor | None  # int32 [tiles * in]: where (t, i)'s values start, from bases[t]
+    bases: torch.Tensor | None  # int64 [tiles + 1]: where tile t's values start
+    shape: tuple[int, int]
+
+    @property
+    def tiles(self) -> int:
+        return math.ceil(self.shape[0] / TILE)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one product reads with every input active (padding excluded)."""
+        if self.masks is None:
+            return self.shape[0] * self.shape[1] * self.values.element_size()
+        kept = int(self.bases[-1])
+        return kept * self.values.element_size() + self.masks.numel() * 12 + self.bases.numel() * 8
+
+
+def pack_columns(weight: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
+                 masked: bool | None = None) -> ColumnWeight:
+    """``weight`` [out, in] in the column layout; with a ``mask`` (or ``masked=True``: the nonzeros) only the kept
+    values are stored."""
+    check_value_dtype(dtype)
+    weight = _checked_weight(weight)
+    out, in_features = weight.shape
+    tiles = math.ceil(out / TILE)
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, tiles * TILE - out)).to(dtype)
+    columns = padded.reshape(tiles, TILE, in_features).transpose(1, 2).contiguous()  # [tiles, in, 64]
+    pad = torch.zeros(TILE, dtype=dtype)
+    if mask is None and not masked:
+        return ColumnWeight(torch.cat([columns.reshape(-1), pad]), None, None, None, (out, in_features))
+    keep = _checked_mask(weight, mask)
+    keep = torch.nn.functional.pad(keep, (0, 0, 0, tiles * TILE - out)).reshape(tiles, TILE, in_features)
+    keep = keep.transpose(1, 2).contiguous()  # [tiles, in, 64]
+    bits = (keep.to(torch.int64) << torch.arange(TILE, dtype=torch.int64)).sum(dim=-1)  # wraps into the sign bit
+    counts = keep.sum(dim=-1)  # [tiles, in]
+    within = torch.cumsum(counts, dim=1) - counts  # exclusive, per tile
+    bases = torch.cat([torch.zeros(1, dtype=torch.int64), counts.sum(dim=1).cumsum(0)])
+    return ColumnWeight(torch.cat([columns[keep], pad]), bits.reshape(-1).contiguous(),
+                        within.to(torch.int32).reshape(-1).contiguous(), bases, (out, in_features))
+
+
+def column_dense(packed: ColumnWeight) -> torch.Tensor:
+    """The [out, in] float32 weight a column layout holds (pruned weights zero)."""
+    out, in_features = packed.shape
+    tiles = packed.tiles
+    if packed.masks is None:
+        columns = packed.values[:tiles * in_features * TILE].float().reshape(tiles, in_features, TILE)
+    else:
+        bits = packed.masks.reshape(tiles, in_features, 1)
+        keep = ((bits >> torch.arange(TILE, dtype=torch.int64)) & 1).bool()
+        columns = torch.zeros(tiles, in_features, TILE)
+        columns[keep] = packed.values[:int(packed.bases[-1])].float()
+    return columns.transpose(1, 2).reshape(tiles * TILE, in_features)[:out]
+
+
+def zero_small(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x`` with the entries of magnitude below ``threshold`` set to zero (what activation sparsity computes)."""
+    return x * (x.abs() >= threshold) if threshold > 0 else x
+
+
+def column_matmul(x: torch.Tensor, packed: ColumnWeight, threshold: float = 0.0, bias: torch.Tensor | None = None,
+                  isa: str = "auto") -> torch.Tensor:
+    """``zero_small(x, threshold) @ W.T (+ bias)`` -> float32 [..., out]; ``isa`` as :func:`~.matmul.matmul`."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise KernelInputError("x must be a floating-point tensor [..., in]")
+    out, in_features = packed.shape
+    if x.shape[-1] != in_features:
+        raise KernelInputError(f"x has {x.shape[-1]} inputs per row but the weight takes {in_features}")
+    if threshold < 0:
+        raise KernelInputError(f"the threshold must be at least 0, got {threshold:g}")
+    rows = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
+    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    target, ops = resolve_isa(isa), native()
+    if target is None or ops is None:
+        y = zero_small(rows, threshold) @ column_dense(packed).t()
+        y = y + bias if bias is not None else y
+    else:
+        y = torch.empty(rows.shape[0], out, dtype=torch.float32)
+        ops.column_matmul(rows, y, packed.values, packed.masks, packed.offsets, packed.bases, out, in_features,
+                          float(threshold), bias, target)
+    return y.reshape(*x.shape[:-1], out)

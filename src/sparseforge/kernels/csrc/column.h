@@ -1,0 +1,36 @@
+// A checked weight in the column layout (kernels.h) bound to a column kernel: the product for activation sparsity,
+// which skips the weights of the inputs it is not given. The tensors belong to the caller.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "dispatch.h"
+#include "kernels.h"
+
+namespace sf {
+
+class ColumnLinear {
+ public:
+  // masks, offsets and bases absent: the dense column layout
+  ColumnLinear(const at::Tensor& values, const std::optional<at::Tensor>& masks,
+               const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bases, int64_t out,
+               int64_t in, const std::optional<at::Tensor>& bias, Isa isa);
+
+  // y[rows, out] = x'[rows, in] W^T (+ bias), x' = x with the entries of magnitude below `threshold` zeroed (zero:
+  // none). x has row stride `in`. Per row, the inputs left nonzero are listed once and every thread reads only
+  // their weights for its output tiles.
+  void run(const float* x, int64_t rows, float* y, float threshold) const;
+  int64_t out() const { return out_; }
+  int64_t in() const { return in_; }
+
+ private:
+  ColumnWeight weight_{};
+  int64_t out_, in_;
+  const float* bias_ = nullptr;
+  bool bf16_;
+  ColumnKernel kernel_;
+};
+
+}  // namespace sf
