@@ -18,6 +18,9 @@ are.
 * ``runtime sparse``: the model magnitude-pruned at 50%, 70% and 2:4, every block linear in the sparse layout
   (bitmask or N:M). Speed depends on the bytes of the layout, not on how the mask was found, so magnitude pruning
   stands in for SparseGPT here (quality is measured elsewhere).
+* ``+ activations S`` (``--activations S``): runtime dense and the first sparse amount with uniform activation
+  thresholds (TEAL) at S, every block linear in a column layout whose product skips the weights of the zeroed
+  inputs. Bytes read count the activation sparsity the thresholds realise on held-out windows of the same kind.
 
 Next to tokens/s: weight bytes read per decoded token and the ideal speed-up they imply against runtime dense,
 and the per-token time not explained by streaming those bytes at the measured copy bandwidth ("beyond
@@ -89,6 +92,33 @@ def pruned(model: str, amount: str, cached: dict):
     return handle
 
 
+def with_activation_thresholds(handle: LoadedModel, target: float) -> float:
+    """Uniform activation thresholds at ``target`` on ``handle`` (calibrated on text for a real model, on random
+    tokens for the random-weight geometry); returns the sparsity they realise on other windows of the same kind,
+    weighted by the weights each input reads (the share of block weight bytes a column product skips)."""
+    from sparseforge.calibration.data import calibration_data
+    from sparseforge.teal import install_thresholds
+    from sparseforge.teal.calibrate import site_statistics
+
+    if handle.tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        windows = torch.randint(0, handle.model.config.vocab_size, (6, 256), generator=generator)
+    else:
+        windows = calibration_data(handle, "default", 6, 512, 0)
+    with torch.no_grad():
+        attachment = install_thresholds(handle, site_statistics(handle, windows[:4], progress=False).uniform(target))
+        attachment.counter.reset()
+        handle.model(input_ids=windows[4:], use_cache=False)
+    return attachment.summary()["overall"]
+
+
+def column_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the column-layout weights (those whose reads activation sparsity cuts)."""
+    from sparseforge.kernels import ColumnWeight
+
+    return sum(m.read_bytes for m in model.modules() if isinstance(getattr(m, "packed", None), ColumnWeight))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -99,6 +129,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--python-step", action="store_true",
                         help="also time runtime dense with the per-layer Python decode step")
+    parser.add_argument("--activations", type=float, default=None,
+                        help="also activation sparsity (TEAL, uniform thresholds at this share) on runtime dense "
+                             "and on the first sparse amount: column layouts that skip the zeroed inputs")
     parser.add_argument("--out", default=None, help="default: results/runtime-<model>.md")
     args = parser.parse_args()
     args.out = args.out or str(Path(__file__).parent / "results" / f"runtime-{args.model}.md")
@@ -116,12 +149,23 @@ def main() -> None:
         python_step = fresh(args.model, cached)
         install_runtime(python_step, "dense", native_decode=False)
         models["runtime dense fp16, Python step"] = python_step.model
+    skipped: dict[str, float] = {}  # variant -> realised activation sparsity (share of block weights not read)
     for amount in args.amounts:
         handle = pruned(args.model, amount, cached)
         runtime = install_runtime(handle, "sparse")
         handle.masks.clear()  # packed into the layouts: the boolean masks (1 byte per weight) are not needed
         models[f"runtime sparse {amount}"] = handle.model
         print(f"{amount}: {runtime.describe()}")
+    if args.activations is not None:
+        for amount in (None, args.amounts[0]):
+            handle = fresh(args.model, cached) if amount is None else pruned(args.model, amount, cached)
+            name = f"runtime {'dense fp16' if amount is None else f'sparse {amount}'} + activations " \
+                   f"{args.activations:g}"
+            skipped[name] = with_activation_thresholds(handle, args.activations)
+            runtime = install_runtime(handle, "dense" if amount is None else "sparse")
+            handle.masks.clear()
+            models[name] = handle.model
+            print(f"{name}: {runtime.describe()}, realised activation sparsity {skipped[name]:.3f}")
     # the dense original last, so that a model built in memory is copied only while it is still needed
     models = {"torch fp32": cached.pop("model").model if cached else load_model(args.model).model, **models}
     measured = compare_speed(models, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -133,7 +177,7 @@ def main() -> None:
     rows = []
     for name, model in models.items():
         r = results[name]
-        read = weight_bytes_per_token(model)
+        read = weight_bytes_per_token(model) - skipped.get(name, 0.0) * column_bytes(model)
         per_token = r["decode_s"] / args.new_tokens
         streaming = read / (bandwidth * 1e9)
         rows.append([name, f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f}x",

@@ -36,11 +36,12 @@ def test_every_path_equals_the_reference_with_small_inputs_zeroed(isa, dtype, ma
         mask = torch.rand(out, in_features, generator=gen) > 0.5
         packed = kernels.pack_columns(weight, mask if masked else None, dtype)
         bias = torch.randn(out, generator=gen)
-        x = torch.randn(3, in_features, generator=gen)
-        for threshold in (0.0, 0.3, 1.0, 100.0):
-            y = kernels.column_matmul(x, packed, threshold, bias, isa=isa)
-            assert y.shape == (3, out) and y.dtype == torch.float32
-            torch.testing.assert_close(y.double(), reference(x, packed, threshold, bias), rtol=1e-5, atol=1e-4)
+        for rows in (1, 3, 70):  # 70: prefill-sized, decoded once into torch's GEMM
+            x = torch.randn(rows, in_features, generator=gen)
+            for threshold in (0.0, 0.3, 1.0, 100.0):
+                y = kernels.column_matmul(x, packed, threshold, bias, isa=isa)
+                assert y.shape == (rows, out) and y.dtype == torch.float32
+                torch.testing.assert_close(y.double(), reference(x, packed, threshold, bias), rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=40, deadline=None)

@@ -33,6 +33,10 @@ class ColumnWeight:
     shape: tuple[int, int]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
     def tiles(self) -> int:
         return math.ceil(self.shape[0] / TILE)
 
@@ -88,24 +92,38 @@ def zero_small(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x * (x.abs() >= threshold) if threshold > 0 else x
 
 
+class PreparedColumns:
+    """``zero_small(x, threshold) @ W.T (+ bias)`` for one column weight, with the checks and the instruction set
+    settled once (the runtime's linears call it per token)."""
+
+    def __init__(self, packed: ColumnWeight, bias: torch.Tensor | None = None, threshold: float = 0.0,
+                 isa: str = "auto"):
+        if threshold < 0:
+            raise KernelInputError(f"the threshold must be at least 0, got {threshold:g}")
+        self.packed, self.threshold = packed, float(threshold)
+        self.out_features, self.in_features = packed.shape
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self.target, self.ops = resolve_isa(isa), native()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise KernelInputError("x must be a floating-point tensor [..., in]")
+        if x.shape[-1] != self.in_features:
+            raise KernelInputError(f"x has {x.shape[-1]} inputs per row but the weight takes {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(torch.float32).contiguous()
+        packed = self.packed
+        if self.target is None or self.ops is None:
+            y = zero_small(rows, self.threshold) @ column_dense(packed).t()
+            y = y + self.bias if self.bias is not None else y
+        else:
+            y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+            self.ops.column_matmul(rows, y, packed.values, packed.masks, packed.offsets, packed.bases,
+                                   self.out_features, self.in_features, self.threshold, self.bias, self.target)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 def column_matmul(x: torch.Tensor, packed: ColumnWeight, threshold: float = 0.0, bias: torch.Tensor | None = None,
                   isa: str = "auto") -> torch.Tensor:
-    """``zero_small(x, threshold) @ W.T (+ bias)`` -> float32 [..., out]; ``isa`` as :func:`~.matmul.matmul`."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
-        raise KernelInputError("x must be a floating-point tensor [..., in]")
-    out, in_features = packed.shape
-    if x.shape[-1] != in_features:
-        raise KernelInputError(f"x has {x.shape[-1]} inputs per row but the weight takes {in_features}")
-    if threshold < 0:
-        raise KernelInputError(f"the threshold must be at least 0, got {threshold:g}")
-    rows = x.detach().reshape(-1, in_features).to(torch.float32).contiguous()
-    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    target, ops = resolve_isa(isa), native()
-    if target is None or ops is None:
-        y = zero_small(rows, threshold) @ column_dense(packed).t()
-        y = y + bias if bias is not None else y
-    else:
-        y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-        ops.column_matmul(rows, y, packed.values, packed.masks, packed.offsets, packed.bases, out, in_features,
-                          float(threshold), bias, target)
-    return y.reshape(*x.shape[:-1], out)
+    """``zero_small(x, threshold) @ W.T (+ bias)`` -> float32 [..., out]; ``isa`` as :func:`~.matmul.matmul`. For
+    many calls with one weight, build a :class:`PreparedColumns` once."""
+    return PreparedColumns(packed, bias, threshold, isa)(x)

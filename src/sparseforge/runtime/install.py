@@ -6,6 +6,9 @@
   every M (M in 4, 8, 16), the bitmask layout otherwise. Refused when the model has no masks.
 * ``dense``: every block linear is held in the same runtime's dense fp16/bf16 layout: the baseline that isolates
   what sparsity gains from what the precision change gains.
+* with activation thresholds on the model (``activation_sparsity``, TEAL): every block linear in a column layout
+  (dense, or a bitmask of the kept weights under ``sparse``/``auto``) whose product zeroes the inputs below its
+  threshold and reads only the weights of the inputs left (:mod:`sparseforge.kernels.columns`).
 * ``auto``: per layer, whichever of the two is faster at batch 1 on this machine, timed once per (shape, layout,
   density, threads) with the cache flushed before every call, since decoding streams weights from memory. A model
   without masks falls back to dense, saying so.
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..errors import SparseforgeError
 from ..evaluation.speed import weight_bytes_per_token
-from ..kernels import PackedWeight, PreparedMatmul, pack_bitmask, pack_dense, pack_nm
+from ..kernels import ColumnWeight, PackedWeight, PreparedMatmul, pack_bitmask, pack_columns, pack_dense, pack_nm
 from ..kernels.layouts import NM_GROUP_SIZES
 from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
@@ -137,6 +140,7 @@ class SparseRuntime:
         for layer in self.layers:
             counts[layer.layout] = counts.get(layer.layout, 0) + 1
         return {"mode": self.mode, "layouts": counts, "lean_decode_layers": len(self.lean_layers),
+                "activation_thresholds": any(layer.layout.startswith("column") for layer in self.layers),
                 "native_decode": self.native_step is not None,
                 "weight_bytes_per_token": weight_bytes_per_token(self.handle.model),
                 "layers": [asdict(layer) for layer in self.layers]}
@@ -170,6 +174,9 @@ class SparseRuntime:
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
             set_path(model, path, linear)
+        for attachment in list(self.handle.attachments.values()):
+            if attachment is not self and hasattr(attachment, "rebind"):
+                attachment.rebind()  # an attachment hooked on linears follows the ones just put back
 
 
 def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_decode: bool = True,
@@ -184,9 +191,6 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     if handle.attachment("experts") is not None:
         raise RuntimeRequestError("the sparse runtime cannot run routed experts (they slice the FFN weights per token); "
                             "load the factorized model without a runtime")
-    if handle.attachment("activation_sparsity") is not None:
-        raise RuntimeRequestError("the sparse runtime has no activation-skipping kernel yet, and its fused products "
-                                  "would bypass the activation thresholds; run this model without a runtime")
     if next(handle.model.parameters()).device.type != "cpu":
         raise RuntimeRequestError("the sparse runtime runs on the CPU; load the model with --device cpu")
     masks = handle.masks
@@ -196,11 +200,17 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     if mode == "auto" and not masks:
         log("› no pruning masks recorded: the runtime holds every layer dense (fp16)")
     dtype = _value_dtype(handle)
-    timer = _Timer() if mode == "auto" and masks else None
+    activations = handle.attachment("activation_sparsity")  # thresholds: column layouts that skip zeroed inputs
+    timer = _Timer() if mode == "auto" and masks and activations is None else None
     threads = torch.get_num_threads()
     layers, paths, replacements = [], {}, {}
 
-    def packed_for(weight: torch.Tensor, mask: torch.Tensor | None, choice: LayerChoice) -> PackedWeight:
+    def packed_for(weight: torch.Tensor, mask: torch.Tensor | None, choice: LayerChoice,
+                   threshold: float | None) -> PackedWeight | ColumnWeight:
+        if threshold is not None:  # activation sparsity: a column layout, pruned weights left out when masked
+            masked = mask is not None and mode != "dense"
+            choice.layout = "column bitmask" if masked else "column"
+            return pack_columns(weight, mask if masked else None, dtype)
         dense = pack_dense(weight, dtype)
         if mask is None or mode == "dense":
             return dense
@@ -224,12 +234,13 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
                 [b.detach().float() if b is not None else torch.zeros(v.out_features) for b, v in zip(biases, group)])
             choice = LayerChoice("+".join(view.name for view in group), tuple(weight.shape),
                                  1.0 if mask is None else mask.float().mean().item(), "dense")
-            packed = packed_for(weight, mask, choice)
+            threshold = None if activations is None else activations.threshold_for(group[0].name)
+            packed = packed_for(weight, mask, choice, threshold)
             layers.append(choice)
             if len(group) == 1:
-                replacements[group[0].name] = SparseLinear(packed, bias, choice.layout)
+                replacements[group[0].name] = SparseLinear(packed, bias, choice.layout, threshold or 0.0)
             else:
-                fused, start = FusedLinear(packed, bias, choice.layout), 0
+                fused, start = FusedLinear(packed, bias, choice.layout, threshold or 0.0), 0
                 for view, member_bias in zip(group, biases):
                     replacements[view.name] = SliceLinear(fused, start, start + view.out_features,
                                                           member_bias is not None)

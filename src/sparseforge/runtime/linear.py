@@ -11,19 +11,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import PackedWeight, PreparedMatmul, dequantize
+from ..kernels import ColumnWeight, PackedWeight, PreparedMatmul, dequantize
+from ..kernels.columns import PreparedColumns, column_dense
 
 
 class SparseLinear(nn.Module):
     weight_is_out_in = True  # its ``weight`` (for statistics and views) is [out, in], as nn.Linear's
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, layout: str):
+    def __init__(self, packed: PackedWeight | ColumnWeight, bias: torch.Tensor | None, layout: str,
+                 threshold: float = 0.0):
         super().__init__()
         self.packed = packed
-        self.layout = layout  # "bitmask", "nm" or "dense": what the kernel reads
+        self.layout = layout  # "bitmask", "nm", "dense", "column" or "column bitmask": what the kernel reads
+        # column layouts only: inputs of smaller magnitude are zeroed first (activation sparsity)
+        self.threshold = threshold
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
         self.out_features, self.in_features = packed.shape
-        self._product = PreparedMatmul(packed, self.bias)  # checks and dispatch settled once, not per token
+        # checks and dispatch settled once, not per token
+        self._product = PreparedColumns(packed, self.bias, threshold) if isinstance(packed, ColumnWeight) \
+            else PreparedMatmul(packed, self.bias)
 
     @property
     def read_bytes(self) -> int:
@@ -43,13 +49,16 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense [out, in] float32 tensor (for checks and for removing the runtime)."""
+        if isinstance(self.packed, ColumnWeight):
+            return column_dense(self.packed)
         return dequantize(self.packed).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, {self.layout} {self.packed.dtype}"
+        threshold = f", inputs below {self.threshold:.4g} zeroed" if self.threshold > 0 else ""
+        return f"{self.in_features} -> {self.out_features}, {self.layout} {self.packed.dtype}{threshold}"
 
 
 class FusedLinear(SparseLinear):
@@ -60,8 +69,9 @@ class FusedLinear(SparseLinear):
     so the second and third get their slice without computing. A different tensor, or the same one changed in
     place (its version counter moves), is computed afresh, so a member called on another input is still right."""
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, layout: str):
-        super().__init__(packed, bias, layout)
+    def __init__(self, packed: PackedWeight | ColumnWeight, bias: torch.Tensor | None, layout: str,
+                 threshold: float = 0.0):
+        super().__init__(packed, bias, layout, threshold)
         self._last: tuple | None = None
 
     def output_for(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,12 @@ import transformers
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..kernels import BitmaskWeight, NMWeight
+from ..kernels import BitmaskWeight, ColumnWeight, NMWeight
 from ..kernels.build import native
 from ..kernels.dispatch import resolve_isa
 from .decode import LEAN_FAMILIES, leanable
 from .linear import SparseLinear
 
-_KINDS = {"dense": 0, "bitmask": 1, "nm": 2}
 # keyword arguments the native path understands; any other one sends the call to the original forward
 _ACCEPTED = frozenset({"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                        "cache_position", "logits_to_keep", "return_dict", "output_attentions",
@@ -44,17 +43,20 @@ _OUTPUT_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(Causal
 _CAPACITY_STEP = 256
 
 
-def _linear_parts(module: SparseLinear) -> tuple[list, list[int]]:
-    """The 4 tensors and 5 integers ``decoder_new`` takes per linear."""
+def _linear_parts(module: SparseLinear) -> tuple[list, list[int], float]:
+    """The 5 tensors, 5 integers and the activation threshold ``decoder_new`` takes per linear."""
     packed = module.packed
-    if isinstance(packed, BitmaskWeight):
-        tensors, ints = [packed.values, packed.masks, packed.offsets], [1, module.in_features, 0, 0, 0]
+    if isinstance(packed, ColumnWeight):
+        tensors = [packed.values, packed.masks, packed.offsets, packed.bases]
+        ints = [3, module.in_features, module.out_features, 0, 0]
+    elif isinstance(packed, BitmaskWeight):
+        tensors, ints = [packed.values, packed.masks, packed.offsets, None], [1, module.in_features, 0, 0, 0]
     elif isinstance(packed, NMWeight):
-        tensors = [packed.values, packed.positions, None]
+        tensors = [packed.values, packed.positions, None, None]
         ints = [2, module.in_features, packed.pos_stride, packed.n, packed.m]
     else:
-        tensors, ints = [packed.values, None, None], [0, module.in_features, 0, 0, 0]
-    return tensors + [module.bias], ints
+        tensors, ints = [packed.values, None, None, None], [0, module.in_features, 0, 0, 0]
+    return tensors + [module.bias], ints, module.threshold
 
 
 def _why_not(handle) -> str | None:
@@ -93,7 +95,7 @@ class NativeDecode:
         shape = [len(self.layers), model.config.hidden_size, heads, kv_heads, self.head_dim,
                  mlp.down_proj.in_features, attn.q_proj.start, attn.k_proj.start, attn.v_proj.start,
                  mlp.gate_proj.start, mlp.up_proj.start]
-        tensors, ints = [], []
+        tensors, ints, thresholds = [], [], []
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             if (a.q_proj.start, a.k_proj.start, a.v_proj.start, m.gate_proj.start, m.up_proj.start) != tuple(shape[6:]) \
@@ -103,11 +105,13 @@ class NativeDecode:
             tensors += [layer.input_layernorm.weight.detach().float().contiguous(),
                         layer.post_attention_layernorm.weight.detach().float().contiguous()]
             for module in (a.q_proj.fused, a.o_proj, m.gate_proj.fused, m.down_proj):
-                parts, numbers = _linear_parts(module)
+                parts, numbers, threshold = _linear_parts(module)
                 tensors += parts
                 ints += numbers
+                thresholds.append(threshold)
         self._norm_weights = tensors  # the norms' float32 copies must outlive the decoder
-        self.handle = self.ops.decoder_new(tensors, ints, shape, float(first.input_layernorm.variance_epsilon),
+        self.handle = self.ops.decoder_new(tensors, ints, thresholds, shape,
+                                           float(first.input_layernorm.variance_epsilon),
                                            float(attn.scaling), resolve_isa("auto"))
         self.buffers: list[torch.Tensor] = []
         self.capacity = 0

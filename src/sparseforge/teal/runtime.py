@@ -3,7 +3,9 @@
 The zeroing is elementwise and per token, so a teacher-forced pass (perplexity, lm-eval scoring) computes exactly
 what decoding the same tokens one at a time computes; the prompt is treated the same way. Hooks only: the module
 tree and the state dict stay the model's, so exports and adapters see the plain model, and removing the
-attachment gives the dense model back.
+attachment gives the dense model back. The sparse runtime, installed after the thresholds, replaces the hooked
+linears by column-layout products that zero and skip the inputs themselves (:meth:`threshold_for`); the hooks
+then sit on modules outside the model and act again once the runtime is removed.
 """
 
 from __future__ import annotations
@@ -51,15 +53,24 @@ class ActivationSparsity:
     def __init__(self, handle, thresholds: ActivationThresholds, count: bool = True):
         thresholds.check(handle.adapter.num_blocks)
         if handle.attachment("runtime") is not None:
-            raise ActivationSparsityError("activation sparsity runs on the PyTorch model; the sparse runtime has no "
-                                          "activation-skipping kernel yet: load the model without --runtime")
+            raise ActivationSparsityError("activation thresholds go on the model before the sparse runtime (which "
+                                          "builds its column layouts from them): remove the runtime, install the "
+                                          "thresholds, then install the runtime")
         self.handle, self.thresholds = handle, thresholds
         self.counter = SiteCounter(handle.adapter.num_blocks)
         self.count = count  # counting costs a reduction per site and call; calibration turns it off
         self._hooks: list = []
-        for block, sites in enumerate(model_sites(handle.adapter)):
+        self._site_of: dict[str, tuple[int, str]] = {}  # linear name -> (block, site)
+        self.rebind()
+
+    def rebind(self) -> None:
+        """Hook the model's current linears (again): called on install and by the sparse runtime when it puts
+        ordinary linears back."""
+        self.remove()
+        for block, sites in enumerate(model_sites(self.handle.adapter)):
             for name, site in sites.items():
                 for position, view in enumerate(site.linears):
+                    self._site_of[view.name] = (block, name)
                     # the first linear of a site counts for the site: its siblings read the same tensor
                     hook = self._hook(block, name, counted=position == 0)
                     self._hooks.append(view.module.register_forward_pre_hook(hook))
@@ -76,6 +87,14 @@ class ActivationSparsity:
                 self.counter.total[block][site] += keep.numel()
             return (x * keep, *args[1:])
         return zero_small
+
+    def threshold_for(self, linear: str) -> float | None:
+        """The threshold applied to the input of the block linear named ``linear`` (None: not a site's linear).
+        The sparse runtime reads it to build products that zero and skip inputs themselves."""
+        if linear not in self._site_of:
+            return None
+        block, site = self._site_of[linear]
+        return self.thresholds.thresholds[block].get(site, 0.0)
 
     def set_thresholds(self, thresholds: ActivationThresholds) -> None:
         """Switch to another allocation of the same statistics without reinstalling the hooks."""

@@ -2,6 +2,13 @@
 #include "column.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/ge.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <vector>
@@ -41,6 +48,7 @@ ColumnLinear::ColumnLinear(const at::Tensor& values, const std::optional<at::Ten
 }
 
 void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) const {
+  if (rows >= kGemmRows) return run_gemm(x, rows, y, threshold);
   thread_local std::vector<int32_t> listed;
   listed.resize(size_t(in_));
   const int64_t tiles = (out_ + kTile - 1) / kTile;
@@ -53,6 +61,39 @@ void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) 
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       kernel_(row, active, count, weight_, in_, out_, bias_, bf16_, y + r * out_, begin, end);
     });
+  }
+}
+
+at::Tensor ColumnLinear::dense_weight() const {
+  const int64_t tiles = (out_ + kTile - 1) / kTile;
+  const auto half = bf16_ ? at::kBFloat16 : at::kHalf;
+  at::Tensor columns;  // [tiles, in, 64] 16-bit values, pruned ones zero
+  if (weight_.masks == nullptr) {
+    columns = at::from_blob(const_cast<uint16_t*>(weight_.values), {tiles, in_, kTile}, half);
+  } else {
+    columns = at::zeros({tiles, in_, kTile}, half);
+    uint16_t* target = reinterpret_cast<uint16_t*>(columns.data_ptr());
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t i = 0; i < in_; ++i) {
+          const uint16_t* v = weight_.values + weight_.bases[t] + weight_.offsets[t * in_ + i];
+          uint16_t* slot = target + (t * in_ + i) * kTile;
+          for (uint64_t m = weight_.masks[t * in_ + i]; m; m &= m - 1) slot[__builtin_ctzll(m)] = *v++;
+        }
+    });
+  }
+  return columns.permute({0, 2, 1}).reshape({tiles * kTile, in_}).narrow(0, 0, out_).to(at::kFloat);
+}
+
+void ColumnLinear::run_gemm(const float* x, int64_t rows, float* y, float threshold) const {
+  at::Tensor xs = at::from_blob(const_cast<float*>(x), {rows, in_}, at::kFloat);
+  if (threshold > 0) xs = at::mul(xs, at::ge(at::abs(xs), threshold));
+  at::Tensor ys = at::from_blob(y, {rows, out_}, at::kFloat);
+  const at::Tensor weight = dense_weight();
+  if (bias_) {
+    at::addmm_out(ys, at::from_blob(const_cast<float*>(bias_), {out_}, at::kFloat), xs, weight.t());
+  } else {
+    at::mm_out(ys, xs, weight.t());
   }
 }
 

@@ -8,6 +8,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "linear.h"
 
 namespace sf {
 
@@ -20,12 +21,16 @@ class ColumnLinear {
 
   // y[rows, out] = x'[rows, in] W^T (+ bias), x' = x with the entries of magnitude below `threshold` zeroed (zero:
   // none). x has row stride `in`. Per row, the inputs left nonzero are listed once and every thread reads only
-  // their weights for its output tiles.
+  // their weights for its output tiles. From kGemmRows rows on (prefill), the weight is decoded once and the
+  // product goes to torch's GEMM, as for the row layouts.
   void run(const float* x, int64_t rows, float* y, float threshold) const;
   int64_t out() const { return out_; }
   int64_t in() const { return in_; }
+  int64_t padded_in() const { return in_; }  // the row layouts' scratch sizing, for drivers that hold both
+  at::Tensor dense_weight() const;           // float32 [out, in]
 
  private:
+  void run_gemm(const float* x, int64_t rows, float* y, float threshold) const;
   ColumnWeight weight_{};
   int64_t out_, in_;
   const float* bias_ = nullptr;

@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "column.h"
 #include "dispatch.h"
 #include "linear.h"
 
@@ -36,10 +37,28 @@ struct Geometry {
   int64_t q_start, k_start, v_start, gate_start, up_start;  // places of each member in the fused outputs
 };
 
+// One of a layer's four products: a row-layout Linear, or a column-layout one that zeroes its inputs below
+// `threshold` first (activation sparsity) and reads only the weights of the inputs left.
+struct Product {
+  std::optional<Linear> row;
+  std::optional<ColumnLinear> column;
+  float threshold = 0.0f;
+  int64_t out() const { return row ? row->out() : column->out(); }
+  int64_t in() const { return row ? row->in() : column->in(); }
+  int64_t padded_in() const { return row ? row->padded_in() : column->padded_in(); }
+  void run(const float* x, float* y) const {
+    if (row) {
+      row->run(x, 1, y);
+    } else {
+      column->run(x, 1, y, threshold);
+    }
+  }
+};
+
 struct Layer {
-  at::Tensor norm1, norm2;  // float32 [hidden]
-  std::vector<Linear> linears;  // q/k/v fused, o, gate/up fused, down
-  at::Tensor keys, values;      // float32 [kv_heads, capacity, head_dim]
+  at::Tensor norm1, norm2;        // float32 [hidden]
+  std::vector<Product> linears;   // q/k/v fused, o, gate/up fused, down
+  at::Tensor keys, values;        // float32 [kv_heads, capacity, head_dim]
 };
 
 class Decoder {
@@ -50,10 +69,10 @@ class Decoder {
   std::vector<Layer> layers;
 
   void allocate_scratch() {
-    const Linear& qkv = layers[0].linears[0];
-    const Linear& o = layers[0].linears[1];
-    const Linear& gate_up = layers[0].linears[2];
-    const Linear& down = layers[0].linears[3];
+    const Product& qkv = layers[0].linears[0];
+    const Product& o = layers[0].linears[1];
+    const Product& gate_up = layers[0].linears[2];
+    const Product& down = layers[0].linears[3];
     normed_.assign(qkv.padded_in(), 0.0f);
     qkv_.assign(qkv.out(), 0.0f);
     attended_.assign(o.padded_in(), 0.0f);
@@ -93,7 +112,7 @@ class Decoder {
     TORCH_CHECK(length >= 0 && length < capacity_, "cache position ", length, " outside the reserved ", capacity_);
     for (Layer& layer : layers) {
       rms_norm(hidden, layer.norm1.data_ptr<float>());
-      layer.linears[0].run(normed_.data(), 1, qkv_.data());
+      layer.linears[0].run(normed_.data(), qkv_.data());
       float* q = qkv_.data() + g_.q_start;
       float* k = qkv_.data() + g_.k_start;
       const float* v = qkv_.data() + g_.v_start;
@@ -109,7 +128,7 @@ class Decoder {
       attend(q, keys, values, length + 1);
       add_product(layer.linears[1], attended_.data(), hidden);
       rms_norm(hidden, layer.norm2.data_ptr<float>());
-      layer.linears[2].run(normed_.data(), 1, gate_up_.data());
+      layer.linears[2].run(normed_.data(), gate_up_.data());
       const float* gate = gate_up_.data() + g_.gate_start;
       const float* up = gate_up_.data() + g_.up_start;
       for (int64_t i = 0; i < g_.inter; ++i) gated_[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
@@ -162,8 +181,8 @@ class Decoder {
     });
   }
 
-  void add_product(const Linear& linear, const float* x, float* hidden) {
-    linear.run(x, 1, update_.data());
+  void add_product(const Product& product, const float* x, float* hidden) {
+    product.run(x, update_.data());
     for (int64_t i = 0; i < g_.hidden; ++i) hidden[i] += update_[i];
   }
 
@@ -190,35 +209,47 @@ at::Tensor float_vector(const std::optional<at::Tensor>& t, int64_t size, const 
   return *t;
 }
 
-// Per linear: 4 tensors (values, masks or positions, offsets, bias) and 5 integers (kind: 0 dense, 1 bitmask,
-// 2 N:M; in_features; position stride; n; m).
-Linear linear_from(const c10::List<std::optional<at::Tensor>>& tensors, size_t t, const std::vector<int64_t>& ints,
-                   size_t i, Isa isa) {
+// Per linear: 5 tensors (values; masks or positions; offsets; bases; bias) and 5 integers (kind: 0 dense, 1
+// bitmask, 2 N:M, 3 column layout, dense or bitmask; in_features; then position stride, n, m for N:M, out_features
+// for the column layout), and one activation threshold (column layout only).
+Product product_from(const c10::List<std::optional<at::Tensor>>& tensors, size_t t, const std::vector<int64_t>& ints,
+                     size_t i, double threshold, Isa isa) {
   const std::optional<at::Tensor> values = tensors.get(t), aux = tensors.get(t + 1), offsets = tensors.get(t + 2),
-                                  bias = tensors.get(t + 3);
+                                  bases = tensors.get(t + 3), bias = tensors.get(t + 4);
   TORCH_CHECK(values.has_value(), "a linear without values");
+  Product product;
   switch (ints[i]) {
-    case 0: return Linear::dense(*values, bias, isa);
+    case 0: product.row = Linear::dense(*values, bias, isa); break;
     case 1:
       TORCH_CHECK(aux && offsets, "a bitmask linear needs masks and offsets");
-      return Linear::bitmask(*values, *aux, *offsets, ints[i + 1], bias, isa);
+      product.row = Linear::bitmask(*values, *aux, *offsets, ints[i + 1], bias, isa);
+      break;
     case 2:
       TORCH_CHECK(aux.has_value(), "an N:M linear needs positions");
-      return Linear::nm(*values, *aux, ints[i + 2], ints[i + 3], ints[i + 4], ints[i + 1], bias, isa);
+      product.row = Linear::nm(*values, *aux, ints[i + 2], ints[i + 3], ints[i + 4], ints[i + 1], bias, isa);
+      break;
+    case 3:
+      TORCH_CHECK(threshold >= 0, "activation thresholds must be at least 0");
+      product.column = ColumnLinear(*values, aux, offsets, bases, ints[i + 2], ints[i + 1], bias, isa);
+      product.threshold = float(threshold);
+      break;
+    default: TORCH_CHECK(false, "unknown layout kind ", ints[i]);
   }
-  TORCH_CHECK(false, "unknown layout kind ", ints[i]);
+  return product;
 }
 
 int64_t decoder_new(const c10::List<std::optional<at::Tensor>>& tensors, std::vector<int64_t> ints,
-                    std::vector<int64_t> shape, double eps, double scaling, const std::string& isa_name) {
+                    std::vector<double> thresholds, std::vector<int64_t> shape, double eps, double scaling,
+                    const std::string& isa_name) {
   TORCH_CHECK(shape.size() == 11, "shape must hold 11 integers");
   const Geometry g{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5],
                    shape[6], shape[7], shape[8], shape[9], shape[10]};
   TORCH_CHECK(g.layers >= 1 && g.heads >= 1 && g.kv_heads >= 1 && g.heads % g.kv_heads == 0 && g.head_dim % 2 == 0,
               "unsupported geometry");
-  constexpr size_t kTensors = 2 + 4 * 4, kInts = 4 * 5;
-  TORCH_CHECK(tensors.size() == g.layers * kTensors && ints.size() == g.layers * kInts,
-              "expected ", kTensors, " tensors and ", kInts, " integers per layer");
+  constexpr size_t kTensors = 2 + 4 * 5, kInts = 4 * 5, kThresholds = 4;
+  TORCH_CHECK(tensors.size() == g.layers * kTensors && ints.size() == g.layers * kInts &&
+                  thresholds.size() == g.layers * kThresholds,
+              "expected ", kTensors, " tensors, ", kInts, " integers and ", kThresholds, " thresholds per layer");
   const Isa isa = parse_isa(isa_name);
   auto decoder = std::make_shared<Decoder>(g, eps, scaling);
   for (size_t i = 0; i < tensors.size(); ++i)
@@ -228,9 +259,10 @@ int64_t decoder_new(const c10::List<std::optional<at::Tensor>>& tensors, std::ve
     layer.norm1 = float_vector(tensors.get(l * kTensors), g.hidden, "norm weights");
     layer.norm2 = float_vector(tensors.get(l * kTensors + 1), g.hidden, "norm weights");
     for (size_t j = 0; j < 4; ++j)
-      layer.linears.push_back(linear_from(tensors, l * kTensors + 2 + 4 * j, ints, l * kInts + 5 * j, isa));
-    const Linear &qkv = layer.linears[0], &o = layer.linears[1], &gate_up = layer.linears[2],
-                 &down = layer.linears[3];
+      layer.linears.push_back(product_from(tensors, l * kTensors + 2 + 5 * j, ints, l * kInts + 5 * j,
+                                           thresholds[l * kThresholds + j], isa));
+    const Product &qkv = layer.linears[0], &o = layer.linears[1], &gate_up = layer.linears[2],
+                  &down = layer.linears[3];
     const int64_t q = g.heads * g.head_dim, kv = g.kv_heads * g.head_dim;
     TORCH_CHECK(qkv.in() == g.hidden && o.out() == g.hidden && o.in() == q && gate_up.in() == g.hidden &&
                     down.out() == g.hidden && down.in() == g.inter && g.q_start + q <= qkv.out() &&
@@ -268,7 +300,8 @@ void decoder_free(int64_t handle) {
 }  // namespace sf
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, lib) {
-  lib.def("decoder_new(Tensor?[] tensors, int[] ints, int[] shape, float eps, float scaling, str isa) -> int",
+  lib.def("decoder_new(Tensor?[] tensors, int[] ints, float[] thresholds, int[] shape, float eps, float scaling, "
+          "str isa) -> int",
           &sf::decoder_new);
   lib.def("decoder_reserve(int handle, int capacity) -> Tensor[]", &sf::decoder_reserve);
   lib.def("decoder_step(int handle, Tensor(a!) hidden, Tensor cos, Tensor sin, int length) -> ()", &sf::decoder_step);
