@@ -6,9 +6,13 @@ would otherwise be read as 1). One pydantic model per stage serves the recipe, t
 
 from __future__ import annotations
 
-from typing import get_args
+import json
+from pathlib import Path
+from typing import TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def _is_number_annotation(annotation) -> bool:
@@ -36,3 +40,18 @@ class StrictSettings(BaseModel):
                 if isinstance(data.get(name), bool) and _is_number_annotation(field.annotation):
                     raise ValueError(f"'{name}' must be a number, got {str(data[name]).lower()}")
         return data
+
+
+def read_json_settings(path: Path, model: type[Model], error: type[Exception], what: str) -> Model:
+    """``model`` validated from the JSON file at ``path``; a missing file, bad JSON or a failing field raise
+    ``error`` with one line naming the file and the first problem (side files: skip policies, thresholds)."""
+    try:
+        return model.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise error(f"no {what} at {path}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or what
+        raise error(f"{path}: {where}: {first['msg']}") from None

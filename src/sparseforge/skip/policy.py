@@ -22,11 +22,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_text
 from ..errors import SkipError
 from ..models.fingerprint import fingerprint_differences
+from ..settings import read_json_settings
 
 POLICY_FILE = "skip_policy.json"
 MODES = ("adaptive", "static", "random", "early_exit")
@@ -105,13 +106,4 @@ def read_policy(path: str | Path) -> SkipPolicy:
         from ..models.loading import resolve_model_directory
 
         path = resolve_model_directory(path) / POLICY_FILE
-    try:
-        return SkipPolicy.model_validate(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise SkipError(f"no skip policy at {path}") from None
-    except json.JSONDecodeError as exc:
-        raise SkipError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "policy"
-        raise SkipError(f"{path}: {where}: {first['msg']}") from None
+    return read_json_settings(path, SkipPolicy, SkipError, "skip policy")

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_text
 from ..errors import ActivationSparsityError
 from ..models.fingerprint import fingerprint_differences
+from ..settings import read_json_settings
 from .sites import SITES
 
 THRESHOLDS_FILE = "activation_sparsity.json"
@@ -107,13 +108,4 @@ def read_thresholds(path: str | Path) -> ActivationThresholds:
     path = Path(path)
     if path.is_dir():
         path = path / THRESHOLDS_FILE
-    try:
-        return ActivationThresholds.model_validate(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ActivationSparsityError(f"no activation thresholds at {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ActivationSparsityError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "thresholds"
-        raise ActivationSparsityError(f"{path}: {where}: {first['msg']}") from None
+    return read_json_settings(path, ActivationThresholds, ActivationSparsityError, "activation thresholds")
