@@ -193,7 +193,7 @@ def write_tables(results: dict, out: Path) -> None:
                      f"{cell['perplexity']:.2f}", f"{cell['lambada_acc']:.3f}",
                      f"{cell['triviaqa_agreement']:.2f} / {cell['nq_open_agreement']:.2f}",
                      f"{cell['ideal_decode']:.3f}", f"{skip:.2f}" if skip else "beyond FFN skipping's range",
-                     f"{loss / skip_loss:.3f}" if skip_loss else "-"])
+                     f"{loss / skip_loss:.4f}" if skip_loss else "-"])
     table = markdown_table(["cell", "allocated", "realised (perplexity text)", "perplexity", "LAMBADA acc",
                             "QA agreement (TriviaQA / NQ)", "ideal decode", "FFN skipping's perplexity there",
                             "perplexity loss vs FFN skipping's"], rows)
