@@ -14,7 +14,7 @@ from sparseforge.models.loading import load_model
 from sparseforge.registry import METHOD_PACKAGES
 
 SOURCE = Path(sparseforge.__file__).parent
-METHODS = {"skip", "moe", "prune", "retrain", "structured", "search", "dst", "runtime"}
+METHODS = {"skip", "teal", "moe", "prune", "retrain", "structured", "search", "dst", "runtime"}
 assert set(METHOD_PACKAGES) <= METHODS
 
 
