@@ -33,3 +33,12 @@ def fingerprint_differences(recorded: dict, adapter) -> list[str]:
         return []
     actual = model_fingerprint(adapter)
     return [key for key in actual if recorded.get(key) != actual[key]]
+
+
+def require_same_model(recorded: dict, adapter, origin: str, error: type[Exception], redo: str) -> None:
+    """Refuse a side file (``origin``) whose recorded fingerprint is not ``adapter``'s model, saying what to
+    ``redo`` (e.g. "calibrate it again")."""
+    differing = fingerprint_differences(recorded, adapter)
+    if differing:
+        raise error(f"{origin} was calibrated for a different model ({', '.join(differing)} differ): {redo} for "
+                    "this one")

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_text
 from ..errors import SkipError
-from ..models.fingerprint import fingerprint_differences
+from ..models.fingerprint import require_same_model
 from ..settings import read_json_settings
 
 POLICY_FILE = "skip_policy.json"
@@ -87,10 +87,7 @@ def max_adaptive_ratio(num_layers: int, cold_start: int, cold_end: int) -> float
 
 
 def check_fingerprint(policy: SkipPolicy, adapter, origin: str) -> None:
-    differing = fingerprint_differences(policy.model, adapter)
-    if differing:
-        raise SkipError(f"{origin} was calibrated for a different model ({', '.join(differing)} differ): "
-                        "calibrate it again for this one")
+    require_same_model(policy.model, adapter, origin, SkipError, "calibrate it again")
 
 
 def save_policy(policy: SkipPolicy, directory: str | Path) -> Path:

@@ -35,7 +35,7 @@ from .sites import model_sites
 from .thresholds import ALLOCATIONS, GRID, ActivationThresholds, check_target, threshold_at
 
 SAMPLE_PER_SITE = 1 << 18
-MIN_TOKENS = 256  # fewer calibration tokens give quantiles of a few hundred values per channel row: refused
+MIN_TOKENS = 256  # below this a site's quantile grid rests on too few values to place 1%-steps: refused
 MAX_SITE_SPARSITY = 0.95
 
 
@@ -92,9 +92,8 @@ def greedy_paths(handle: LoadedModel, statistics: ActivationThresholds, windows:
     ``up_to``."""
     adapter = handle.adapter
     hidden, arguments = adapter.capture_inputs_per_block(windows.to(next(handle.model.parameters()).device))
-    attachment = ActivationSparsity(handle, statistics, count=False)
-    working = statistics.model_copy(deep=True)
-    attachment.set_thresholds(working)
+    working = statistics.model_copy(deep=True)  # block by block, the trial's thresholds; all others stay zero
+    attachment = ActivationSparsity(handle, working, count=False)
     paths = []
     try:
         for block in tqdm(range(adapter.num_blocks), desc="greedy allocation", disable=not progress):

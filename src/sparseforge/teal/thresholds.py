@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import atomic_write_text
 from ..errors import ActivationSparsityError
-from ..models.fingerprint import fingerprint_differences
+from ..models.fingerprint import require_same_model
 from ..settings import read_json_settings
 from .sites import SITES
 
@@ -91,10 +91,8 @@ class ActivationThresholds(BaseModel):
 
 
 def check_fingerprint(thresholds: ActivationThresholds, adapter, origin: str) -> None:
-    differing = fingerprint_differences(thresholds.model, adapter)
-    if differing:
-        raise ActivationSparsityError(f"{origin} was calibrated for a different model ({', '.join(differing)} "
-                                      "differ): calibrate activation sparsity again for this one")
+    require_same_model(thresholds.model, adapter, origin, ActivationSparsityError,
+                       "calibrate activation sparsity again")
 
 
 def save_thresholds(thresholds: ActivationThresholds, directory: str | Path) -> Path:
