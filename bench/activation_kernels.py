@@ -29,7 +29,6 @@ from _common import copy_bandwidth, markdown_table, print_setup  # noqa: E402
 from runtime_kernels import MIB, mask_at, measure  # noqa: E402
 
 from sparseforge import kernels  # noqa: E402
-from sparseforge.kernels.columns import TILE  # noqa: E402
 
 SHAPES = {"TinyLlama-1.1B geometry": ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)),
           "default model": ((960, 576), (576, 576), (3072, 576), (576, 1536))}
@@ -37,10 +36,7 @@ SHAPES = {"TinyLlama-1.1B geometry": ((2560, 2048), (2048, 2048), (11264, 2048),
 
 def column_bytes(packed, active: float) -> float:
     """Weight bytes a column product reads when a share ``active`` of the inputs is nonzero."""
-    if packed.masks is None:
-        return packed.nbytes * active
-    out, in_features = packed.shape
-    return active * (int(packed.bases[-1]) * packed.values.element_size() + packed.tiles * in_features * 12)
+    return packed.nbytes * active
 
 
 def variants_for(shape, activations, cycle_mib: int, gen) -> tuple[dict, dict, int]:
@@ -81,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
-    lines = [f"setup: {print_setup(bench='activation_kernels', activations=args.activations, rounds=args.rounds, cycle_mib=args.cycle_mib, threads=args.threads, tile=TILE, kernels=kernels.isa_info())}"]
+    lines = [f"setup: {print_setup(bench='activation_kernels', activations=args.activations, rounds=args.rounds, cycle_mib=args.cycle_mib, threads=args.threads, kernels=kernels.isa_info())}"]
     bandwidth = copy_bandwidth()
     lines.append(f"memory copy bandwidth: {bandwidth:.1f} GB/s")
     for model, shapes in SHAPES.items():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sparseforge import kernels
 from sparseforge.kernels import dispatch
-from sparseforge.kernels.columns import TILE, column_dense, zero_small
+from sparseforge.kernels.columns import WORD, column_dense, zero_small
 
 PATHS = (*kernels.NATIVE_ISAS, "torch")
 
@@ -71,7 +71,7 @@ def test_threshold_zero_equals_the_row_kernels():
 def test_zeroed_inputs_weights_are_not_read():
     """Poison the weights of the inputs that the threshold removes: the result must not see them."""
     gen = torch.Generator().manual_seed(4)
-    weight = torch.randn(TILE * 2, 40, generator=gen)
+    weight = torch.randn(WORD * 2, 40, generator=gen)
     x = torch.randn(1, 40, generator=gen)
     small = x[0].abs() < 0.5
     poisoned = weight.clone()

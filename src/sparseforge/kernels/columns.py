@@ -2,11 +2,12 @@
 magnitude below a threshold zeroed, reading only the weights of the inputs left.
 
 Row layouts (:mod:`.layouts`) keep a weight row's inputs together, so a zero input saves nothing: its weights sit
-in the same cache lines as its neighbours'. Here output features are grouped in tiles of :data:`TILE` and, within
-a tile, the weights of one input are contiguous (128 bytes dense), so the weights of a zeroed input are never
-read. :class:`ColumnWeight` is dense when ``masks`` is None, else it keeps only a weight mask's kept values: per
-(tile, input) a 64-bit mask of the kept outputs and the values compacted, which stacks weight sparsity on
-activation sparsity.
+in the same cache lines as its neighbours'. Here the weight is stored transposed, one row per input holding that
+input's weights for every output, so the weights of a zeroed input are one contiguous block that is never read.
+An earlier layout in tiles of 64 outputs (128 bytes per input) skipped too little: the hardware prefetchers pulled
+the skipped neighbours in anyway, and 40% skipped inputs saved 10% of the time. :class:`ColumnWeight` is dense
+when ``masks`` is None, else it keeps only a weight mask's kept values: per input a row of 64-bit masks over the
+outputs and the values compacted, which stacks weight sparsity on activation sparsity.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from .dispatch import resolve_isa
 from .layouts import KernelInputError, check_value_dtype
 from .packing import _checked_mask, _checked_weight
 
-TILE = 64  # output features per tile (kernels.h: kTile)
+PAD = 32  # readable elements past the values (kernels.h: kColumnPad)
+WORD = 64  # outputs per mask word
 
 
 @dataclass(frozen=True)
 class ColumnWeight:
-    values: torch.Tensor  # fp16/bf16; dense: [tiles * in * 64 + 64]; bitmask: the kept values + 64 padding
-    masks: torch.Tensor | None  # int64 [tiles * in]: bit j of (tile t, input i) = output 64t + j kept
-    offsets: torch.Tensor | None  # int32 [tiles * in]: where (t, i)'s values start, from bases[t]
-    bases: torch.Tensor | None  # int64 [tiles + 1]: where tile t's values start
+    values: torch.Tensor  # fp16/bf16; dense: [in * out + PAD] (row i = W[:, i]); bitmask: the kept values + PAD
+    masks: torch.Tensor | None  # int64 [in * words]: bit j of word w of input i = output 64w + j kept
+    bases: torch.Tensor | None  # int64 [in + 1]: where input i's kept values start
     shape: tuple[int, int]
 
     @property
@@ -37,8 +38,8 @@ class ColumnWeight:
         return self.values.dtype
 
     @property
-    def tiles(self) -> int:
-        return math.ceil(self.shape[0] / TILE)
+    def words(self) -> int:
+        return math.ceil(self.shape[0] / WORD)
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +47,7 @@ class ColumnWeight:
         if self.masks is None:
             return self.shape[0] * self.shape[1] * self.values.element_size()
         kept = int(self.bases[-1])
-        return kept * self.values.element_size() + self.masks.numel() * 12 + self.bases.numel() * 8
+        return kept * self.values.element_size() + self.masks.numel() * 8 + self.bases.numel() * 8
 
 
 def pack_columns(weight: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float16,
@@ -56,35 +57,28 @@ def pack_columns(weight: torch.Tensor, mask: torch.Tensor | None = None, dtype: 
     check_value_dtype(dtype)
     weight = _checked_weight(weight)
     out, in_features = weight.shape
-    tiles = math.ceil(out / TILE)
-    padded = torch.nn.functional.pad(weight, (0, 0, 0, tiles * TILE - out)).to(dtype)
-    columns = padded.reshape(tiles, TILE, in_features).transpose(1, 2).contiguous()  # [tiles, in, 64]
-    pad = torch.zeros(TILE, dtype=dtype)
+    columns = weight.t().to(dtype).contiguous()  # [in, out]
+    pad = torch.zeros(PAD, dtype=dtype)
     if mask is None and not masked:
-        return ColumnWeight(torch.cat([columns.reshape(-1), pad]), None, None, None, (out, in_features))
-    keep = _checked_mask(weight, mask)
-    keep = torch.nn.functional.pad(keep, (0, 0, 0, tiles * TILE - out)).reshape(tiles, TILE, in_features)
-    keep = keep.transpose(1, 2).contiguous()  # [tiles, in, 64]
-    bits = (keep.to(torch.int64) << torch.arange(TILE, dtype=torch.int64)).sum(dim=-1)  # wraps into the sign bit
-    counts = keep.sum(dim=-1)  # [tiles, in]
-    within = torch.cumsum(counts, dim=1) - counts  # exclusive, per tile
-    bases = torch.cat([torch.zeros(1, dtype=torch.int64), counts.sum(dim=1).cumsum(0)])
-    return ColumnWeight(torch.cat([columns[keep], pad]), bits.reshape(-1).contiguous(),
-                        within.to(torch.int32).reshape(-1).contiguous(), bases, (out, in_features))
+        return ColumnWeight(torch.cat([columns.reshape(-1), pad]), None, None, (out, in_features))
+    keep = _checked_mask(weight, mask).t().contiguous()  # [in, out]
+    words = math.ceil(out / WORD)
+    padded = torch.nn.functional.pad(keep, (0, words * WORD - out)).reshape(in_features, words, WORD)
+    bits = (padded.to(torch.int64) << torch.arange(WORD, dtype=torch.int64)).sum(dim=-1)  # wraps into the sign bit
+    bases = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(dim=1).cumsum(0)])
+    return ColumnWeight(torch.cat([columns[keep], pad]), bits.reshape(-1).contiguous(), bases, (out, in_features))
 
 
 def column_dense(packed: ColumnWeight) -> torch.Tensor:
     """The [out, in] float32 weight a column layout holds (pruned weights zero)."""
     out, in_features = packed.shape
-    tiles = packed.tiles
     if packed.masks is None:
-        columns = packed.values[:tiles * in_features * TILE].float().reshape(tiles, in_features, TILE)
-    else:
-        bits = packed.masks.reshape(tiles, in_features, 1)
-        keep = ((bits >> torch.arange(TILE, dtype=torch.int64)) & 1).bool()
-        columns = torch.zeros(tiles, in_features, TILE)
-        columns[keep] = packed.values[:int(packed.bases[-1])].float()
-    return columns.transpose(1, 2).reshape(tiles * TILE, in_features)[:out]
+        return packed.values[:in_features * out].float().reshape(in_features, out).t()
+    bits = packed.masks.reshape(in_features, packed.words, 1)
+    keep = ((bits >> torch.arange(WORD, dtype=torch.int64)) & 1).bool().reshape(in_features, -1)[:, :out]
+    columns = torch.zeros(in_features, out)
+    columns[keep] = packed.values[:int(packed.bases[-1])].float()
+    return columns.t()
 
 
 def zero_small(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -117,7 +111,7 @@ class PreparedColumns:
             y = y + self.bias if self.bias is not None else y
         else:
             y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-            self.ops.column_matmul(rows, y, packed.values, packed.masks, packed.offsets, packed.bases,
+            self.ops.column_matmul(rows, y, packed.values, packed.masks, packed.bases,
                                    self.out_features, self.in_features, self.threshold, self.bias, self.target)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -47,7 +47,7 @@ def _linear_parts(module: SparseLinear) -> tuple[list, list[int], float]:
     """The 5 tensors, 5 integers and the activation threshold ``decoder_new`` takes per linear."""
     packed = module.packed
     if isinstance(packed, ColumnWeight):
-        tensors = [packed.values, packed.masks, packed.offsets, packed.bases]
+        tensors = [packed.values, packed.masks, None, packed.bases]
         ints = [3, module.in_features, module.out_features, 0, 0]
     elif isinstance(packed, BitmaskWeight):
         tensors, ints = [packed.values, packed.masks, packed.offsets, None], [1, module.in_features, 0, 0, 0]

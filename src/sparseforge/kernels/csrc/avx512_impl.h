@@ -255,6 +255,101 @@ struct GatherKernel {
   }
 };
 
+// ---- column layout (activation sparsity): acc[out] += x[i] * W[:, i] over listed inputs -----------------------
+
+// One listed input's weight row, read 32 outputs per step.
+template <bool BF16, bool MASKED>
+struct ColumnRow {
+  static constexpr int64_t kAhead = 1024;  // bytes prefetched ahead within a row: short rows outrun the hardware
+  const uint16_t* p;
+  const uint64_t* masks;
+  __m512 x;
+
+  ColumnRow() = default;
+  SF_INLINE ColumnRow(const ColumnWeight& w, int64_t i, int64_t words, int64_t out, float xi)
+      : p(w.values + (MASKED ? w.bases[i] : i * out)), masks(MASKED ? w.masks + i * words : nullptr),
+        x(_mm512_set1_ps(xi)) {}
+
+  // the first bytes of the row, requested one pass before it is read
+  SF_INLINE void prefetch_head() const {
+    for (int64_t b = 0; b < kAhead; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+    if (MASKED)
+      for (int64_t b = 0; b < kAhead / 8; b += 64) _mm_prefetch((const char*)masks + b, _MM_HINT_T0);
+  }
+
+  // the weights of outputs [j, j + 32), then step past them
+  SF_INLINE void next(int64_t j, __m512& lo, __m512& hi) {
+    _mm_prefetch((const char*)p + kAhead, _MM_HINT_T0);
+    if constexpr (!MASKED) {
+      widen32<BF16>(_mm512_loadu_si512(p), lo, hi);
+      p += 32;
+    } else {
+      if ((j & 127) == 0) _mm_prefetch((const char*)(masks + (j >> 6)) + kAhead / 8, _MM_HINT_T0);
+      const uint32_t m = uint32_t(masks[j >> 6] >> (j & 63));
+#if SF_VBMI2
+      widen32<BF16>(_mm512_maskz_expandloadu_epi16(_cvtu32_mask32(m), p), lo, hi);
+      p += _mm_popcnt_u32(m);
+#else
+      const uint32_t m0 = m & 0xFFFFu, m1 = m >> 16;
+      lo = _mm512_maskz_expand_ps(_cvtu32_mask16(m0), widen<BF16>(_mm256_loadu_si256((const __m256i*)p)));
+      p += _mm_popcnt_u32(m0);
+      hi = _mm512_maskz_expand_ps(_cvtu32_mask16(m1), widen<BF16>(_mm256_loadu_si256((const __m256i*)p)));
+      p += _mm_popcnt_u32(m1);
+#endif
+    }
+  }
+};
+
+// R listed inputs per pass over the accumulator, so each 32 outputs cost one load and one store of it per R
+// (decode, FMA) pairs; the R weight rows are R contiguous streams, and the next pass's rows are requested early.
+template <bool BF16, bool MASKED, int R>
+SF_TARGET void column_pass(const float* x, const int32_t* active, const int32_t* following, const ColumnWeight& w,
+                           int64_t out, float* acc) {
+  const int64_t words = (out + 63) / 64;
+  ColumnRow<BF16, MASKED> rows[R];
+  SF_UNROLL
+  for (int r = 0; r < R; ++r) rows[r] = ColumnRow<BF16, MASKED>(w, active[r], words, out, x[active[r]]);
+  if (following)
+    for (int r = 0; r < R; ++r) ColumnRow<BF16, MASKED>(w, following[r], words, out, 0.0f).prefetch_head();
+  const int64_t full = out / 32 * 32;
+  __m512 lo, hi;
+  for (int64_t j = 0; j < full; j += 32) {
+    __m512 sum_lo = _mm512_loadu_ps(acc + j), sum_hi = _mm512_loadu_ps(acc + j + 16);
+    SF_UNROLL
+    for (int r = 0; r < R; ++r) {
+      rows[r].next(j, lo, hi);
+      sum_lo = _mm512_fmadd_ps(lo, rows[r].x, sum_lo);
+      sum_hi = _mm512_fmadd_ps(hi, rows[r].x, sum_hi);
+    }
+    _mm512_storeu_ps(acc + j, sum_lo);
+    _mm512_storeu_ps(acc + j + 16, sum_hi);
+  }
+  if (full < out) {  // the last outputs: reads past the row stay inside the values' padding, lanes past out unused
+    const uint32_t keep = uint32_t((uint64_t(1) << (out - full)) - 1u);
+    const __mmask16 k_lo = _cvtu32_mask16(keep & 0xFFFFu), k_hi = _cvtu32_mask16(keep >> 16);
+    __m512 sum_lo = _mm512_maskz_loadu_ps(k_lo, acc + full), sum_hi = _mm512_maskz_loadu_ps(k_hi, acc + full + 16);
+    SF_UNROLL
+    for (int r = 0; r < R; ++r) {
+      rows[r].next(full, lo, hi);
+      sum_lo = _mm512_fmadd_ps(lo, rows[r].x, sum_lo);
+      sum_hi = _mm512_fmadd_ps(hi, rows[r].x, sum_hi);
+    }
+    _mm512_mask_storeu_ps(acc + full, k_lo, sum_lo);
+    _mm512_mask_storeu_ps(acc + full + 16, k_hi, sum_hi);
+  }
+}
+
+template <bool BF16, bool MASKED>
+SF_TARGET void column_rows(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out,
+                           float* acc) {
+  constexpr int kRows = 4;
+  int64_t a = 0;
+  for (; a + kRows <= count; a += kRows)
+    column_pass<BF16, MASKED, kRows>(x, active + a, a + 2 * kRows <= count ? active + a + kRows : nullptr, w, out,
+                                     acc);
+  for (; a < count; ++a) column_pass<BF16, MASKED, 1>(x, active + a, nullptr, w, out, acc);
+}
+
 // ---- driver: work units over [begin, end) x all rows ----------------------------------------------------------
 
 template <class Kernel, int OB>

@@ -10,35 +10,34 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace sf {
 
 ColumnLinear::ColumnLinear(const at::Tensor& values, const std::optional<at::Tensor>& masks,
-                           const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bases,
-                           int64_t out, int64_t in, const std::optional<at::Tensor>& bias, Isa isa)
+                           const std::optional<at::Tensor>& bases, int64_t out, int64_t in,
+                           const std::optional<at::Tensor>& bias, Isa isa)
     : out_(out), in_(in), bf16_(values.scalar_type() == at::kBFloat16), kernel_(column_kernel(isa)) {
   TORCH_CHECK(out >= 1 && in >= 1, "a weight needs at least one input and one output feature");
   TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16),
               "values must be a contiguous float16 or bfloat16 tensor");
-  const int64_t tiles = (out + kTile - 1) / kTile;
   if (masks) {
-    TORCH_CHECK(offsets && bases, "a bitmask column layout needs masks, offsets and bases");
-    TORCH_CHECK(masks->scalar_type() == at::kLong && masks->is_contiguous() && masks->numel() == tiles * in,
-                "masks must be contiguous int64 [", tiles, " * ", in, "]");
-    TORCH_CHECK(offsets->scalar_type() == at::kInt && offsets->is_contiguous() && offsets->numel() == tiles * in,
-                "offsets must be contiguous int32 [", tiles, " * ", in, "]");
-    TORCH_CHECK(bases->scalar_type() == at::kLong && bases->is_contiguous() && bases->numel() == tiles + 1,
-                "bases must be contiguous int64 [tiles + 1]");
+    const int64_t words = (out + 63) / 64;
+    TORCH_CHECK(bases.has_value(), "a bitmask column layout needs masks and bases");
+    TORCH_CHECK(masks->scalar_type() == at::kLong && masks->is_contiguous() && masks->numel() == in * words,
+                "masks must be contiguous int64 [", in, " * ", words, "]");
+    TORCH_CHECK(bases->scalar_type() == at::kLong && bases->is_contiguous() && bases->numel() == in + 1,
+                "bases must be contiguous int64 [in + 1]");
     const int64_t* b = bases->data_ptr<int64_t>();
-    TORCH_CHECK(b[0] == 0 && values.numel() >= b[tiles] + kTile, "values must hold bases[-1] + 64 elements");
+    TORCH_CHECK(b[0] == 0 && values.numel() >= b[in] + kColumnPad, "values must hold bases[-1] + ", kColumnPad,
+                " elements");
     weight_ = ColumnWeight{reinterpret_cast<const uint16_t*>(values.data_ptr()),
-                           reinterpret_cast<const uint64_t*>(masks->data_ptr<int64_t>()),
-                           reinterpret_cast<const uint32_t*>(offsets->data_ptr<int32_t>()), b};
+                           reinterpret_cast<const uint64_t*>(masks->data_ptr<int64_t>()), b};
   } else {
-    TORCH_CHECK(values.numel() >= tiles * in * kTile + kTile, "dense column values must be [tiles * in * 64 + 64]");
-    weight_ = ColumnWeight{reinterpret_cast<const uint16_t*>(values.data_ptr()), nullptr, nullptr, nullptr};
+    TORCH_CHECK(values.numel() >= in * out + kColumnPad, "dense column values must be [in * out + ", kColumnPad, "]");
+    weight_ = ColumnWeight{reinterpret_cast<const uint16_t*>(values.data_ptr()), nullptr, nullptr};
   }
   if (bias) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
@@ -49,40 +48,55 @@ ColumnLinear::ColumnLinear(const at::Tensor& values, const std::optional<at::Ten
 
 void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) const {
   if (rows >= kGemmRows) return run_gemm(x, rows, y, threshold);
+  constexpr int64_t kMinInputsPerThread = 16;  // below this a second thread costs more than it reads
   thread_local std::vector<int32_t> listed;
+  thread_local std::vector<float> partial;  // the accumulators of every thread but the first
   listed.resize(size_t(in_));
-  const int64_t tiles = (out_ + kTile - 1) / kTile;
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * in_;
     int64_t count = 0;
     for (int64_t i = 0; i < in_; ++i)
       if (row[i] != 0.0f && std::fabs(row[i]) >= threshold) listed[count++] = int32_t(i);
+    const int64_t chunks = std::clamp<int64_t>(count / kMinInputsPerThread, 1, at::get_num_threads());
+    float* target = y + r * out_;
+    if (bias_) {
+      std::copy(bias_, bias_ + out_, target);
+    } else {
+      std::fill(target, target + out_, 0.0f);
+    }
+    partial.assign(size_t((chunks - 1) * out_), 0.0f);
     const int32_t* active = listed.data();  // named here: inside the workers `listed` would be their own
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      kernel_(row, active, count, weight_, in_, out_, bias_, bf16_, y + r * out_, begin, end);
+    float* others = partial.data();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        kernel_(row, active + count * c / chunks, count * (c + 1) / chunks - count * c / chunks, weight_, out_, bf16_,
+                c == 0 ? target : others + (c - 1) * out_);
     });
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < out_; ++j) target[j] += others[(c - 1) * out_ + j];
   }
 }
 
 at::Tensor ColumnLinear::dense_weight() const {
-  const int64_t tiles = (out_ + kTile - 1) / kTile;
   const auto half = bf16_ ? at::kBFloat16 : at::kHalf;
-  at::Tensor columns;  // [tiles, in, 64] 16-bit values, pruned ones zero
+  at::Tensor columns;  // [in, out] 16-bit values, pruned ones zero
   if (weight_.masks == nullptr) {
-    columns = at::from_blob(const_cast<uint16_t*>(weight_.values), {tiles, in_, kTile}, half);
+    columns = at::from_blob(const_cast<uint16_t*>(weight_.values), {in_, out_}, half);
   } else {
-    columns = at::zeros({tiles, in_, kTile}, half);
+    const int64_t words = (out_ + 63) / 64;
+    columns = at::zeros({in_, words * 64}, half);
     uint16_t* target = reinterpret_cast<uint16_t*>(columns.data_ptr());
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t)
-        for (int64_t i = 0; i < in_; ++i) {
-          const uint16_t* v = weight_.values + weight_.bases[t] + weight_.offsets[t * in_ + i];
-          uint16_t* slot = target + (t * in_ + i) * kTile;
-          for (uint64_t m = weight_.masks[t * in_ + i]; m; m &= m - 1) slot[__builtin_ctzll(m)] = *v++;
-        }
+    at::parallel_for(0, in_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const uint16_t* v = weight_.values + weight_.bases[i];
+        for (int64_t word = 0; word < words; ++word)
+          for (uint64_t m = weight_.masks[i * words + word]; m; m &= m - 1)
+            target[i * words * 64 + word * 64 + __builtin_ctzll(m)] = *v++;
+      }
     });
+    columns = columns.narrow(1, 0, out_);
   }
-  return columns.permute({0, 2, 1}).reshape({tiles * kTile, in_}).narrow(0, 0, out_).to(at::kFloat);
+  return columns.t().to(at::kFloat);
 }
 
 void ColumnLinear::run_gemm(const float* x, int64_t rows, float* y, float threshold) const {

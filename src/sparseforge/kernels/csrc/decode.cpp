@@ -230,7 +230,7 @@ Product product_from(const c10::List<std::optional<at::Tensor>>& tensors, size_t
       break;
     case 3:
       TORCH_CHECK(threshold >= 0, "activation thresholds must be at least 0");
-      product.column = ColumnLinear(*values, aux, offsets, bases, ints[i + 2], ints[i + 1], bias, isa);
+      product.column = ColumnLinear(*values, aux, bases, ints[i + 2], ints[i + 1], bias, isa);
       product.threshold = float(threshold);
       break;
     default: TORCH_CHECK(false, "unknown layout kind ", ints[i]);

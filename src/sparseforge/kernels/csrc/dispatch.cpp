@@ -92,7 +92,8 @@ BitmaskUnpack bitmask_unpack(Isa isa) {
 
 ColumnKernel column_kernel(Isa isa) {
 #ifdef SF_X86
-  if (isa == Isa::avx512 || isa == Isa::avx512_vbmi2) return avx512::column;
+  if (isa == Isa::avx512) return avx512::column;
+  if (isa == Isa::avx512_vbmi2) return avx512_vbmi2::column;
 #endif
   (void)isa;
   return portable::column;

@@ -55,25 +55,23 @@ using DenseKernel = void (*)(const Problem&, const DenseWeight&, int64_t begin, 
 using DenseUnpack = void (*)(const Problem&, const DenseWeight&, float* dense, int64_t begin, int64_t end);
 using BitmaskUnpack = void (*)(const Problem&, const BitmaskWeight&, float* dense, int64_t begin, int64_t end);
 
-// Column layout, for activation sparsity (TEAL): output features in tiles of kTile; within a tile, the weights of
-// one input are contiguous, so the weights of an input whose activation is zero are never read. Dense: values
-// [tiles][in][kTile] (padding outputs zero). Bitmask: per (tile, input) a 64-bit mask of the kept outputs, and the
-// kept values compacted, those of (tile t, input i) from values + bases[t] + offsets[t * in + i]. values has kTile
-// readable padding elements past the end.
-constexpr int64_t kTile = 64;
+// Column layout, for activation sparsity (TEAL): the transposed weight, one row per input feature holding that
+// input's weights for every output, so the weights of an input whose activation is zero are one contiguous block
+// that is never read (in tiles of a few outputs, hardware prefetchers still pulled the skipped weights in).
+// Dense: values [in][out]. Bitmask: per input a row of ceil(out / 64) 64-bit masks of its kept outputs, and the
+// kept values compacted, input i's from values + bases[i]. values has kColumnPad readable elements past the end.
+constexpr int64_t kColumnPad = 32;
 struct ColumnWeight {
   const uint16_t* values;
-  const uint64_t* masks;    // nullptr: dense
-  const uint32_t* offsets;  // bitmask only
-  const int64_t* bases;     // bitmask only
+  const uint64_t* masks;  // nullptr: dense
+  const int64_t* bases;   // bitmask only, [in + 1]
 };
-// y[out] = sum over the listed inputs i of x[i] * W[:, i] (+ bias), one row of x; output tiles [begin, end).
-using ColumnKernel = void (*)(const float* x, const int32_t* active, int64_t count, const ColumnWeight&, int64_t in,
-                              int64_t out, const float* bias, bool bf16, float* y, int64_t begin, int64_t end);
+// acc[out] += sum over the listed inputs i of x[i] * W[:, i] (one row of x, the inputs active[0, count)).
+using ColumnKernel = void (*)(const float* x, const int32_t* active, int64_t count, const ColumnWeight&, int64_t out,
+                              bool bf16, float* acc);
 
 namespace portable {
-void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, int64_t, const float*, bool, float*,
-            int64_t, int64_t);
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
@@ -97,12 +95,12 @@ void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
 void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
-void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, int64_t, const float*, bool, float*,
-            int64_t, int64_t);
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
 }  // namespace avx512
 namespace avx512_vbmi2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
 }  // namespace avx512_vbmi2
 #endif
 

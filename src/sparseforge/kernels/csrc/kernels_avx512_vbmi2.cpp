@@ -1,5 +1,5 @@
-// AVX-512 bitmask kernel with VBMI2: one 16-bit-lane expand per 32-input chunk. Dense and N:M need no VBMI2
-// and come from kernels_avx512.cpp.
+// AVX-512 bitmask kernels with VBMI2: one 16-bit-lane expand per 32 values (row and column layouts). Dense and
+// N:M need no VBMI2 and come from kernels_avx512.cpp.
 #include "kernels.h"
 
 #ifdef SF_X86
@@ -23,6 +23,16 @@ void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begi
     unpack_rows(p, BitmaskDecoder<true>{w, p.in, p.out}, dense, begin, end);
   } else {
     unpack_rows(p, BitmaskDecoder<false>{w, p.in, p.out}, dense, begin, end);
+  }
+}
+
+void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out, bool bf16,
+            float* acc) {
+  const bool masked = w.masks != nullptr;
+  if (bf16) {
+    (masked ? column_rows<true, true> : column_rows<true, false>)(x, active, count, w, out, acc);
+  } else {
+    (masked ? column_rows<false, true> : column_rows<false, false>)(x, active, count, w, out, acc);
   }
 }
 

@@ -115,23 +115,21 @@ void unpack(const Problem& p, const NMWeight& w, uint16_t* dense, int64_t begin,
   unpack_rows(p, dense, begin, end, NMRow{p, w});
 }
 
-void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t in, int64_t out,
-            const float* bias, bool bf16, float* y, int64_t begin, int64_t end) {
-  float acc[kTile];
-  for (int64_t t = begin; t < end; ++t) {
-    std::fill(acc, acc + kTile, 0.0f);
-    for (int64_t a = 0; a < count; ++a) {
-      const int64_t i = active[a];
-      const float xi = x[i];
-      if (w.masks == nullptr) {
-        const uint16_t* p = w.values + (t * in + i) * kTile;
-        for (int64_t j = 0; j < kTile; ++j) acc[j] += widen(p[j], bf16) * xi;
-      } else {
-        const uint16_t* p = w.values + w.bases[t] + w.offsets[t * in + i];
-        for (uint64_t m = w.masks[t * in + i]; m; m &= m - 1) acc[__builtin_ctzll(m)] += widen(*p++, bf16) * xi;
-      }
+void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out, bool bf16,
+            float* acc) {
+  const int64_t words = (out + 63) / 64;
+  for (int64_t a = 0; a < count; ++a) {
+    const int64_t i = active[a];
+    const float xi = x[i];
+    if (w.masks == nullptr) {
+      const uint16_t* p = w.values + i * out;
+      for (int64_t j = 0; j < out; ++j) acc[j] += widen(p[j], bf16) * xi;
+    } else {
+      const uint16_t* p = w.values + w.bases[i];
+      for (int64_t word = 0; word < words; ++word)
+        for (uint64_t m = w.masks[i * words + word]; m; m &= m - 1)
+          acc[word * 64 + __builtin_ctzll(m)] += widen(*p++, bf16) * xi;
     }
-    for (int64_t j = 0; j < kTile && t * kTile + j < out; ++j) y[t * kTile + j] = acc[j] + (bias ? bias[t * kTile + j] : 0.0f);
   }
 }
 

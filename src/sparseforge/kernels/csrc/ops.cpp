@@ -41,10 +41,9 @@ void nm_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& value
 }
 
 void column_matmul(const at::Tensor& x, const at::Tensor& y, const at::Tensor& values,
-                   const std::optional<at::Tensor>& masks, const std::optional<at::Tensor>& offsets,
-                   const std::optional<at::Tensor>& bases, int64_t out, int64_t in, double threshold,
+                   const std::optional<at::Tensor>& masks, const std::optional<at::Tensor>& bases, int64_t out, int64_t in, double threshold,
                    const std::optional<at::Tensor>& bias, const std::string& isa) {
-  const ColumnLinear linear(values, masks, offsets, bases, out, in, bias, parse_isa(isa));
+  const ColumnLinear linear(values, masks, bases, out, in, bias, parse_isa(isa));
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == in,
               "x must be contiguous float32 [rows, ", in, "]");
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat && y.is_contiguous() && y.size(0) == x.size(0) &&
@@ -67,7 +66,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, lib) {
   lib.def("nm_matmul(Tensor x, Tensor(a!) y, Tensor values, Tensor positions, int pos_stride, int n, int m, "
           "int in_features, Tensor? bias, str isa) -> ()",
           &sf::nm_matmul);
-  lib.def("column_matmul(Tensor x, Tensor(a!) y, Tensor values, Tensor? masks, Tensor? offsets, Tensor? bases, "
+  lib.def("column_matmul(Tensor x, Tensor(a!) y, Tensor values, Tensor? masks, Tensor? bases, "
           "int out_features, int in_features, float threshold, Tensor? bias, str isa) -> ()",
           &sf::column_matmul);
 }
