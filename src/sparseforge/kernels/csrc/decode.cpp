@@ -28,6 +28,7 @@
 #include "column.h"
 #include "dispatch.h"
 #include "linear.h"
+#include "step_ops.h"
 
 namespace sf {
 namespace {
@@ -131,17 +132,15 @@ class Decoder {
       layer.linears[2].run(normed_.data(), gate_up_.data());
       const float* gate = gate_up_.data() + g_.gate_start;
       const float* up = gate_up_.data() + g_.up_start;
-      for (int64_t i = 0; i < g_.inter; ++i) gated_[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+      step::silu_mul(gate, up, gated_.data(), g_.inter);
       add_product(layer.linears[3], gated_.data(), hidden);
     }
   }
 
  private:
   void rms_norm(const float* x, const float* weight) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < g_.hidden; ++i) sum += x[i] * x[i];
-    const float scale = 1.0f / std::sqrt(sum / float(g_.hidden) + eps_);
-    for (int64_t i = 0; i < g_.hidden; ++i) normed_[i] = weight[i] * (x[i] * scale);
+    const float scale = 1.0f / std::sqrt(step::sum_squares(x, g_.hidden) / float(g_.hidden) + eps_);
+    step::scale_mul(x, weight, scale, normed_.data(), g_.hidden);
   }
 
   // transformers' x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
@@ -161,29 +160,14 @@ class Decoder {
         const float* qh = q + h * d;
         const float* kh = keys + (h / group) * capacity_ * d;
         const float* vh = values + (h / group) * capacity_ * d;
-        float* scores = scores_.data() + h * capacity_;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < places; ++t) {
-          float dot = 0.0f;
-          for (int64_t i = 0; i < d; ++i) dot += qh[i] * kh[t * d + i];
-          scores[t] = dot * scaling_;
-          top = std::max(top, scores[t]);
-        }
-        float total = 0.0f;
-        for (int64_t t = 0; t < places; ++t) total += (scores[t] = std::exp(scores[t] - top));
-        float* out = attended_.data() + h * d;
-        std::fill(out, out + d, 0.0f);
-        for (int64_t t = 0; t < places; ++t) {
-          const float p = scores[t] / total;
-          for (int64_t i = 0; i < d; ++i) out[i] += p * vh[t * d + i];
-        }
+        step::attend_head(qh, kh, vh, places, d, scaling_, scores_.data() + h * capacity_, attended_.data() + h * d);
       }
     });
   }
 
   void add_product(const Product& product, const float* x, float* hidden) {
     product.run(x, update_.data());
-    for (int64_t i = 0; i < g_.hidden; ++i) hidden[i] += update_[i];
+    step::add(hidden, update_.data(), g_.hidden);
   }
 
   Geometry g_;
