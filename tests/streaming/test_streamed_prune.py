@@ -75,10 +75,10 @@ def test_only_one_block_is_resident_while_pruning(tmp_path):
                                progress=False)
     handle = sf.load_model(str(source))
     block = sum(p.nbytes for p in handle.adapter.blocks()[0].parameters())
-    outside = sum(p.nbytes for n, p in handle.model.named_parameters() if not n.startswith("model.layers."))
     whole = sum(p.nbytes for p in handle.model.parameters())
     resident = report["memory"]["weights_resident_peak_mib"] * 2**20
-    assert resident <= (block + outside) * 1.01 + 0.1 * 2**20  # report rounds to 0.1 MiB
+    # the embeddings and LM head go once block 0's inputs are captured: one block is all that is left
+    assert resident <= block * 1.01 + 0.1 * 2**20  # report rounds to 0.1 MiB
     assert resident < whole
     assert report["memory"]["peak_rss_mib"] >= report["memory"]["start_rss_mib"] > 0
 

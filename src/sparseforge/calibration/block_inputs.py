@@ -55,6 +55,7 @@ class BlockInputs:
             self.ranges.append((start, start + batch.shape[0]))
         self.hidden = torch.cat(hidden)
         self.model_device = model_device
+        self.store.inputs_captured()
 
     def kwargs_of(self, index: int) -> dict[int, dict]:
         """Block ``index``'s keyword arguments by batch size."""
@@ -133,6 +134,9 @@ class BlockStore:
 
     def evict(self, index: int) -> None:
         """Block ``index`` is not needed in memory any more (a no-op when every block stays)."""
+
+    def inputs_captured(self) -> None:
+        """Block 0's inputs are captured: what only the capture needed (embeddings) may go (kept here)."""
 
     def restore(self, handle: LoadedModel, index: int, checkpoint) -> None:
         """Put finished block ``index`` back as the checkpoint recorded it (weights and masks)."""

@@ -35,8 +35,13 @@ class StreamedBlocks(BlockStore):
     streamed = True
 
     def __init__(self, handle: LoadedModel, source: WeightSource, compute_dtype: torch.dtype, fmt: str,
-                 export_dtype: torch.dtype, encoded: dict | None = None):
+                 export_dtype: torch.dtype, encoded: dict | None = None, capture_only: list[str] = ()):
+        """``capture_only``: tensors outside the blocks that only capturing block 0's inputs needs (embeddings):
+        materialised now, released once the inputs are captured (113 MB on the default model, fp32)."""
         self.handle, self.source, self.compute_dtype = handle, source, compute_dtype
+        self.capture_only = list(capture_only)
+        for name in self.capture_only:
+            materialize(handle.model, name, source.tensor(name, compute_dtype))
         self.fmt, self.export_dtype = fmt, export_dtype
         self.encoded: dict[str, dict] = dict(encoded or {})  # manifest entries of the finished blocks' tensors
         self.finished_blocks: dict[int, object] = {}  # index -> checkpoint it can be restored from
@@ -67,6 +72,11 @@ class StreamedBlocks(BlockStore):
         for view in self.handle.adapter.block_linears(index).values():
             self.handle.masks.pop(view.name, None)
         self.loaded.discard(index)
+
+    def inputs_captured(self) -> None:
+        for name in self.capture_only:
+            dematerialize(self.handle.model, name)
+        self.capture_only = []
 
     def restore(self, handle: LoadedModel, index: int, checkpoint) -> None:
         self.finished_blocks[index] = checkpoint  # read again only if a later block's inputs must be rebuilt

@@ -42,7 +42,7 @@ from ..prune.pruner import check_calibration_memory, check_prune_request
 from ..prune.sequential import SequentialPlan, prune_data_free, prune_sequential
 from ..sparsity.patterns import NM
 from ..version import __version__
-from .blocks import StreamedBlocks, dematerialize, materialize
+from .blocks import StreamedBlocks
 from .source import WeightSource
 
 CHECKPOINT_SUFFIX = "prune-streamed"
@@ -193,9 +193,6 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     if needs_calibration and not torch.is_tensor(calibration):
         check_calibration_memory(handle, nsamples, seqlen)
 
-    outside = _non_block_parameters(handle) if needs_calibration else []  # the capture needs them; nothing else does
-    for name in outside:
-        materialize(handle.model, name, source.tensor(name, compute_dtype))
     settings = {"model": str(directory), "model_type": handle.model_type, "dtype": str(compute_dtype),
                 "model_digest": source.fingerprint, "export_format": fmt, "export_dtype": str(export_dtype),
                 **plan.settings()}
@@ -204,7 +201,8 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
         windows = calibration_data(handle, calibration, nsamples, seqlen, seed)
         settings.update(calibration_shape=list(windows.shape), calibration_digest=digest([windows]))
     checkpoint = Checkpoint(checkpoints, settings)
-    store = StreamedBlocks(handle, source, compute_dtype, fmt, export_dtype, checkpoint.resume().get("encoded"))
+    store = StreamedBlocks(handle, source, compute_dtype, fmt, export_dtype, checkpoint.resume().get("encoded"),
+                           capture_only=_non_block_parameters(handle) if needs_calibration else [])
     with PeakMemory() as peak:
         if needs_calibration:
             report = prune_sequential(handle, windows, plan, checkpoint,
@@ -214,8 +212,6 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
             prune_data_free(handle, plan, progress, store, checkpoint)
             report = {"method": plan.method.name, "pattern": plan.pattern.name, "target_sparsity": plan.sparsity,
                       "allocation": plan.allocation, "block_sparsity": plan.block_sparsity}
-    for name in outside:
-        dematerialize(handle.model, name)
     report.setdefault("memory", {}).update(peak_rss_mib=round(peak.peak_mb, 1), start_rss_mib=round(peak.start_mb, 1))
     report = {"stage": "prune", "streamed": True, "source": str(model), "source_directory": str(directory),
               "source_fingerprint": source.fingerprint, **report, "versions": {"sparseforge": __version__}}
