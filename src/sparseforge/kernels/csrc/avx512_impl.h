@@ -372,4 +372,16 @@ SF_TARGET void run(const Problem& p, const typename Kernel::Context& ctx, int64_
 }
 
 }  // namespace
+
+// the column kernel's entry point (kernels.h), one in each includer's namespace
+void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out, bool bf16,
+            float* acc) {
+  const bool masked = w.masks != nullptr;
+  if (bf16) {
+    (masked ? column_rows<true, true> : column_rows<true, false>)(x, active, count, w, out, acc);
+  } else {
+    (masked ? column_rows<false, true> : column_rows<false, false>)(x, active, count, w, out, acc);
+  }
+}
+
 }  // namespace sf::SF_NS

@@ -26,15 +26,5 @@ void unpack(const Problem& p, const BitmaskWeight& w, float* dense, int64_t begi
   }
 }
 
-void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out, bool bf16,
-            float* acc) {
-  const bool masked = w.masks != nullptr;
-  if (bf16) {
-    (masked ? column_rows<true, true> : column_rows<true, false>)(x, active, count, w, out, acc);
-  } else {
-    (masked ? column_rows<false, true> : column_rows<false, false>)(x, active, count, w, out, acc);
-  }
-}
-
 }  // namespace sf::avx512_vbmi2
 #endif
