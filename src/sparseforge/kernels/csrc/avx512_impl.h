@@ -255,6 +255,47 @@ struct GatherKernel {
   }
 };
 
+// ---- N:M unpack (prefill): each window's positions become the window's bitmask, expanded as the bitmask's -----
+
+template <bool BF16>
+SF_TARGET void unpack_nm_rows(const Problem& p, const NMWeight& w, float* dense, int64_t begin, int64_t end) {
+  const int bits = nm_bits(w.m), kept = kWindow / w.m * w.n;
+  const int64_t window_bytes = nm_window_bytes(kept, bits);
+  const unsigned field_mask = unsigned(w.m - 1);
+  __m512 lo, hi;
+  for (int64_t o = begin; o < end; ++o) {
+    const uint16_t* v = w.values + o * (p.in / w.m * w.n);
+    const uint8_t* pos = w.positions + o * w.pos_stride;
+    float* row = dense + o * p.ldx;
+    for (int64_t start = 0; start < p.in; start += kWindow, pos += window_bytes) {
+      const int groups = int(std::min<int64_t>(kWindow, p.in - start) / w.m);
+      uint32_t m = 0;
+      for (int g = 0, k = 0; g < groups; ++g)
+        for (int j = 0; j < w.n; ++j, ++k) {
+          const int bit = k * bits;
+          const unsigned field = (unsigned(pos[bit / 8]) | unsigned(pos[bit / 8 + 1]) << 8) >> (bit % 8);
+          m |= 1u << (g * w.m + int(field & field_mask));
+        }
+      // values carry no padding: loads take only the kept count (ldx is a multiple of 32, so the row has room)
+#if SF_VBMI2
+      widen32<BF16>(_mm512_maskz_expandloadu_epi16(_cvtu32_mask32(m), v), lo, hi);
+      v += _mm_popcnt_u32(m);
+#else
+      const uint32_t m0 = m & 0xFFFFu, m1 = m >> 16;
+      const uint32_t c0 = _mm_popcnt_u32(m0), c1 = _mm_popcnt_u32(m1);
+      lo = _mm512_maskz_expand_ps(_cvtu32_mask16(m0),
+                                  widen<BF16>(_mm256_maskz_loadu_epi16(__mmask16((1u << c0) - 1u), v)));
+      v += c0;
+      hi = _mm512_maskz_expand_ps(_cvtu32_mask16(m1),
+                                  widen<BF16>(_mm256_maskz_loadu_epi16(__mmask16((1u << c1) - 1u), v)));
+      v += c1;
+#endif
+      _mm512_storeu_ps(row + start, lo);
+      _mm512_storeu_ps(row + start + 16, hi);
+    }
+  }
+}
+
 // ---- column layout (activation sparsity): acc[out] += x[i] * W[:, i] over listed inputs -----------------------
 
 // One listed input's weight row, read 32 outputs per step.
@@ -373,7 +414,15 @@ SF_TARGET void run(const Problem& p, const typename Kernel::Context& ctx, int64_
 
 }  // namespace
 
-// the column kernel's entry point (kernels.h), one in each includer's namespace
+// entry points (kernels.h) defined here, one in each includer's namespace
+void unpack(const Problem& p, const NMWeight& w, float* dense, int64_t begin, int64_t end) {
+  if (p.bf16) {
+    unpack_nm_rows<true>(p, w, dense, begin, end);
+  } else {
+    unpack_nm_rows<false>(p, w, dense, begin, end);
+  }
+}
+
 void column(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out, bool bf16,
             float* acc) {
   const bool masked = w.masks != nullptr;

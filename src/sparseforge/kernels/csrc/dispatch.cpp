@@ -81,7 +81,9 @@ DenseUnpack dense_unpack(Isa isa) {
   return nullptr;
 }
 
-BitmaskUnpack bitmask_unpack(Isa isa) {
+// both instruction sets that have one; the overload is the one the return type names
+template <class Unpack>
+Unpack expanding_unpack(Isa isa) {
 #ifdef SF_X86
   if (isa == Isa::avx512) return avx512::unpack;
   if (isa == Isa::avx512_vbmi2) return avx512_vbmi2::unpack;
@@ -89,6 +91,9 @@ BitmaskUnpack bitmask_unpack(Isa isa) {
   (void)isa;
   return nullptr;
 }
+
+BitmaskUnpack bitmask_unpack(Isa isa) { return expanding_unpack<BitmaskUnpack>(isa); }
+NMUnpack nm_unpack(Isa isa) { return expanding_unpack<NMUnpack>(isa); }
 
 ColumnKernel column_kernel(Isa isa) {
 #ifdef SF_X86

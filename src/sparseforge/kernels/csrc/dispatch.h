@@ -22,6 +22,7 @@ NMKernel nm_kernel(Isa isa);
 // nullptr where the instruction set has no vectorised unpack (Linear then unpacks bits and lets torch widen them)
 DenseUnpack dense_unpack(Isa isa);
 BitmaskUnpack bitmask_unpack(Isa isa);
+NMUnpack nm_unpack(Isa isa);
 // the column kernel (activation sparsity): AVX-512, or portable (AVX2 has none of its own)
 ColumnKernel column_kernel(Isa isa);
 

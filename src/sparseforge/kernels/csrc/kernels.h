@@ -54,6 +54,7 @@ using DenseKernel = void (*)(const Problem&, const DenseWeight&, int64_t begin, 
 // where one decode and a GEMM beat decoding once per 4 rows. Vectorised paths only; elsewhere see portable::unpack.
 using DenseUnpack = void (*)(const Problem&, const DenseWeight&, float* dense, int64_t begin, int64_t end);
 using BitmaskUnpack = void (*)(const Problem&, const BitmaskWeight&, float* dense, int64_t begin, int64_t end);
+using NMUnpack = void (*)(const Problem&, const NMWeight&, float* dense, int64_t begin, int64_t end);
 
 // Column layout, for activation sparsity (TEAL): the transposed weight, one row per input feature holding that
 // input's weights for every output, so the weights of an input whose activation is zero are one contiguous block
@@ -96,11 +97,13 @@ void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
 void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
+void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
 }  // namespace avx512
 namespace avx512_vbmi2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
+void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
 }  // namespace avx512_vbmi2
 #endif
 

@@ -69,6 +69,7 @@ Linear Linear::nm(const at::Tensor& values, const at::Tensor& positions, int64_t
   Linear linear(Kind::nm, out, in, values, bias);
   linear.nm_ = NMWeight{raw16(values), positions.data_ptr<uint8_t>(), pos_stride, int(n), int(m)};
   linear.nm_kernel_ = nm_kernel(isa);
+  linear.nm_unpack_ = nm_unpack(isa);
   return linear;
 }
 
@@ -90,12 +91,16 @@ void Linear::run_gemm(const float* x, int64_t rows, float* y) const {
   thread_local std::vector<float> widened;
   const Problem p{x, padded_in(), rows, y, out_, in_, bias_, bf16_};
   at::Tensor weight;
-  if ((kind_ == Kind::dense && dense_unpack_) || (kind_ == Kind::bitmask && bitmask_unpack_)) {
+  if ((kind_ == Kind::dense && dense_unpack_) || (kind_ == Kind::bitmask && bitmask_unpack_) ||
+      (kind_ == Kind::nm && nm_unpack_)) {
     widened.resize(size_t(out_ * padded_in()));
     float* target = widened.data();
     at::parallel_for(0, out_, kGrain, [&](int64_t begin, int64_t end) {
-      if (kind_ == Kind::dense) dense_unpack_(p, dense_, target, begin, end);
-      else bitmask_unpack_(p, bitmask_, target, begin, end);
+      switch (kind_) {
+        case Kind::dense: dense_unpack_(p, dense_, target, begin, end); break;
+        case Kind::bitmask: bitmask_unpack_(p, bitmask_, target, begin, end); break;
+        case Kind::nm: nm_unpack_(p, nm_, target, begin, end); break;
+      }
     });
     weight = at::from_blob(target, {out_, in_}, {padded_in(), 1}, at::kFloat);
   } else {

@@ -50,6 +50,7 @@ class Linear {
   NMKernel nm_kernel_ = nullptr;
   DenseUnpack dense_unpack_ = nullptr;
   BitmaskUnpack bitmask_unpack_ = nullptr;
+  NMUnpack nm_unpack_ = nullptr;
 };
 
 }  // namespace sf
