@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -156,7 +155,10 @@ def _perplexity(model, windows: torch.Tensor) -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker would report its parent's resident
+    # memory at the fork when that is larger (see sparseforge.memory.peak_resident_mb; this venv lacks sparseforge)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024.0
 
 
 def main(argv: list[str] | None = None) -> dict:

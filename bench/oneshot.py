@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,10 +27,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(args: argparse.Namespace) -> dict:
     """Prune one configuration with sparseforge and print one JSON line (runs in its own process)."""
     import torch
@@ -39,6 +34,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     import sparseforge as sf
     from sparseforge.evaluation.perplexity import perplexity
+    from sparseforge.memory import peak_resident_mb
 
     torch.set_num_threads(args.threads)
     config = json.loads(args.worker)
@@ -49,14 +45,14 @@ def worker(args: argparse.Namespace) -> dict:
         handle = sf.load_model(args.model)
         calibration = load_file(args.calibration)["input_ids"]
     model_mib = sum(p.numel() * p.element_size() for p in handle.model.parameters()) / 2**20
-    rss_before = _peak_rss_mib()
+    rss_before = peak_resident_mb()
     start = time.perf_counter()
     if config["method"] != "dense":
         sf.prune(handle, method=config["method"], sparsity=config.get("sparsity"), pattern=config["pattern"],
                  allocation=config.get("allocation", "uniform"), refine=config.get("refine"), calibration=calibration,
                  order=config.get("order", "sublayer"), progress=False, **config.get("options", {}))
     seconds = time.perf_counter() - start
-    result = {**config, "prune_seconds": round(seconds, 2), "peak_rss_mib": round(_peak_rss_mib(), 1),
+    result = {**config, "prune_seconds": round(seconds, 2), "peak_rss_mib": round(peak_resident_mb(), 1),
               "rss_before_prune_mib": round(rss_before, 1), "model_mib": round(model_mib, 1)}
     if not config.get("depth"):
         with torch.no_grad():

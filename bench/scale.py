@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -38,10 +37,6 @@ GEOMETRIES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied emb
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),  # for the projection only
 }
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def block_params(g: dict) -> int:
@@ -107,6 +102,7 @@ def worker(config: dict, threads: int) -> dict:
     from safetensors.torch import load_file
 
     import sparseforge as sf
+    from sparseforge.memory import peak_resident_mb
 
     torch.set_num_threads(threads)
     calibration = load_file(config["calibration"])["input_ids"]
@@ -122,7 +118,7 @@ def worker(config: dict, threads: int) -> dict:
         handle = sf.load_model(config["model"])
         sf.prune(handle, **options)
         result = {"memory": handle.history[-1]["memory"]}
-    result.update(config, prune_seconds=round(time.perf_counter() - start, 2), peak_rss_mib=round(_peak_rss_mib(), 1))
+    result.update(config, prune_seconds=round(time.perf_counter() - start, 2), peak_rss_mib=round(peak_resident_mb(), 1))
     if config.get("evaluation"):
         from sparseforge.evaluation.perplexity import perplexity
 

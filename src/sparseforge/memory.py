@@ -68,6 +68,26 @@ def resident_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_resident_mb() -> float:
+    """Peak resident memory of this process in MiB since it started its program.
+
+    Linux's ``ru_maxrss`` is carried across ``exec``: a worker started from a parent holding 1.1 GiB reports at
+    least 1.1 GiB whatever it does itself (a fork begins with the parent's pages counted). ``VmHWM`` in
+    ``/proc/self/status`` is the high-water mark of this program's own address space, reset at ``exec``. Without
+    /proc, ``ru_maxrss`` is the best there is.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class PeakMemory:
     """Peak memory while a block of code runs: resident memory sampled every ``interval`` s, or CUDA's own peak.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..memory import peak_resident_mb  # noqa: E402
 from ..stages import stage_specs  # noqa: E402
 
 SPARSITY_PLOT = "sparsity_per_layer.png"
@@ -22,7 +22,7 @@ LOSS_PLOT = "retrain_loss.png"
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (and peak GPU memory, if a GPU was used)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak = peak_resident_mb()
     if torch.cuda.is_available():
         peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
     return round(peak, 1)
