@@ -9,8 +9,8 @@ bitmask row kernel, and the column layouts (dense and 50% bitmask) at each activ
 of the input entries (random positions: TEAL's zeros follow the input, not the layout) falls below the
 threshold. Every variant cycles over enough distinct matrices (> ``--cycle-mib``) that each product streams its
 weights from DRAM; variants alternate within each round in a rotating order; medians over rounds. The bytes
-bound of each variant is the weight bytes it must read (a column layout: the active inputs' values, and for the
-bitmask one 12-byte mask and offset per active input and tile) against the dense row kernel's.
+bound of each variant is the weight bytes it must read (a column layout: the share of its bytes that belongs to
+the active inputs: their values and, for the bitmask, their masks and bases) against the dense row kernel's.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ namespace {
 constexpr int kOB = 4;       // output features per work unit
 constexpr int kMaxRows = 4;  // rows of x per work unit
 
+
 template <bool BF16>
 SF_INLINE __m512 widen(__m256i h) {
   if constexpr (BF16) {
@@ -383,11 +384,15 @@ SF_TARGET void column_pass(const float* x, const int32_t* active, const int32_t*
 template <bool BF16, bool MASKED>
 SF_TARGET void column_rows(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out,
                            float* acc) {
-  constexpr int kRows = 4;
+  // Listed inputs per pass: more rows in flight hide the start of each short row (TinyLlama decode with 40% of
+  // inputs skipped: 4 rows 1.24x over the dense row kernel, 8 1.33x, 16 1.40x, 32 1.36x); a bitmask row carries two
+  // pointers, and past 8 rows they spill (stacked on 50% weight sparsity: 16 rows 1.61x, 8 rows 1.72x).
+  constexpr int kRows = MASKED ? 8 : 16;
   int64_t a = 0;
   for (; a + kRows <= count; a += kRows)
     column_pass<BF16, MASKED, kRows>(x, active + a, a + 2 * kRows <= count ? active + a + kRows : nullptr, w, out,
                                      acc);
+  for (; a + 4 <= count; a += 4) column_pass<BF16, MASKED, 4>(x, active + a, nullptr, w, out, acc);
   for (; a < count; ++a) column_pass<BF16, MASKED, 1>(x, active + a, nullptr, w, out, acc);
 }
 

@@ -54,9 +54,13 @@ void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) 
   listed.resize(size_t(in_));
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * in_;
+    // branch-free: which inputs survive is a coin toss per input, so a branch here mispredicts about every other
+    // time (some 20 us on a 5632-input product, while the other threads wait)
     int64_t count = 0;
-    for (int64_t i = 0; i < in_; ++i)
-      if (row[i] != 0.0f && std::fabs(row[i]) >= threshold) listed[count++] = int32_t(i);
+    for (int64_t i = 0; i < in_; ++i) {
+      listed[count] = int32_t(i);
+      count += (row[i] != 0.0f) & (std::fabs(row[i]) >= threshold);
+    }
     const int64_t chunks = std::clamp<int64_t>(count / kMinInputsPerThread, 1, at::get_num_threads());
     float* target = y + r * out_;
     if (bias_) {
