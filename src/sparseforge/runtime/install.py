@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import SparseforgeError
 from ..evaluation.speed import weight_bytes_per_token
 from ..kernels import ColumnWeight, PackedWeight, PreparedMatmul, pack_bitmask, pack_columns, pack_dense, pack_nm
+from ..kernels.pages import on_huge_pages
 from ..kernels.layouts import NM_GROUP_SIZES
 from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
@@ -235,7 +236,7 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
             choice = LayerChoice("+".join(view.name for view in group), tuple(weight.shape),
                                  1.0 if mask is None else mask.float().mean().item(), "dense")
             threshold = None if activations is None else activations.threshold_for(group[0].name)
-            packed = packed_for(weight, mask, choice, threshold)
+            packed = on_huge_pages(packed_for(weight, mask, choice, threshold))
             layers.append(choice)
             if len(group) == 1:
                 replacements[group[0].name] = SparseLinear(packed, bias, choice.layout, threshold or 0.0)
@@ -249,7 +250,7 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
                 paths[view.name] = path_of[id(view.module)]
     head, embedding = adapter.lm_head(), adapter.embed_tokens()
     head_path, embedding_path = path_of[id(head)], path_of[id(embedding)]
-    head_packed = pack_dense(head.weight.detach().float(), dtype)
+    head_packed = on_huge_pages(pack_dense(head.weight.detach().float(), dtype))
     # the embeddings in half precision too; a tied head and embedding share one matrix, as before
     tied = adapter.tied_embeddings()
     embedding_values = head_packed.values if tied else embedding.weight.detach().to(dtype).contiguous()
