@@ -19,7 +19,7 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _libc_function(function: str):
+def libc_function(function: str):
     name = ctypes.util.find_library("c")
     try:
         return getattr(ctypes.CDLL(name), function) if name else None
@@ -28,7 +28,7 @@ def _libc_function(function: str):
 
 
 def _malloc_trim():
-    return _libc_function("malloc_trim")
+    return libc_function("malloc_trim")
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -45,7 +45,7 @@ def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
     threshold (which also stops its adaptation) makes resident memory what is alive. Returns whether it was set
     (False off glibc). Process-wide; the streamed pruning path sets it because bounding memory is its purpose.
     """
-    mallopt = _libc_function("mallopt")
+    mallopt = libc_function("mallopt")
     if threshold <= 0:
         return False
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(threshold)))

@@ -13,21 +13,31 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import sys
 
 import torch
 
-from ..memory import _libc_function
+from ..memory import libc_function
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux's advice number
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise with its argument types declared, or None off Linux or without libc."""
+    madvise = libc_function("madvise") if sys.platform == "linux" else None
+    if madvise is not None:
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return madvise
 
 
 def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` copied into fresh memory advised for huge pages (same dtype, shape and values), or ``tensor``
     itself when it is smaller than one huge page or the advice is unavailable."""
     nbytes = tensor.numel() * tensor.element_size()
-    madvise = _libc_function("madvise") if sys.platform == "linux" else None
+    madvise = _madvise()
     if nbytes < HUGE_PAGE or madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return tensor
     # not yet touched where glibc maps the allocation afresh (large sizes); pages it reuses from its heap keep
@@ -35,7 +45,6 @@ def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     advised = (nbytes + HUGE_PAGE - start) // HUGE_PAGE * HUGE_PAGE
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     if madvise(raw.data_ptr() + start, advised, MADV_HUGEPAGE) != 0:
         return tensor
     copy = raw[start:start + nbytes].view(tensor.dtype).view(tensor.shape)

@@ -33,8 +33,8 @@ from torch import nn
 from ..errors import SparseforgeError
 from ..evaluation.speed import weight_bytes_per_token
 from ..kernels import ColumnWeight, PackedWeight, PreparedMatmul, pack_bitmask, pack_columns, pack_dense, pack_nm
-from ..kernels.pages import on_huge_pages
 from ..kernels.layouts import NM_GROUP_SIZES
+from ..kernels.pages import on_huge_pages
 from ..models.adapters.base import set_path
 from ..models.handle import LoadedModel
 from .decode import install_lean_decode, remove_lean_decode

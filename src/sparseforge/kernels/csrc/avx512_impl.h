@@ -20,7 +20,6 @@ namespace {
 constexpr int kOB = 4;       // output features per work unit
 constexpr int kMaxRows = 4;  // rows of x per work unit
 
-
 template <bool BF16>
 SF_INLINE __m512 widen(__m256i h) {
   if constexpr (BF16) {
