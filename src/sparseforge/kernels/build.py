@@ -27,7 +27,7 @@ import torch
 from ..assets import cache_dir
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "decode.cpp", "step_ops.cpp", "linear.cpp", "column.cpp", "dispatch.cpp", "kernels_portable.cpp", "kernels_avx2.cpp",
+SOURCES = ("ops.cpp", "decode.cpp", "step_ops.cpp", "linear.cpp", "column.cpp", "recycling.cpp", "dispatch.cpp", "kernels_portable.cpp", "kernels_avx2.cpp",
            "kernels_avx512.cpp", "kernels_avx512_vbmi2.cpp")
 # -fopenmp: at::parallel_for is inline and runs its OpenMP region in this library, on torch's own libgomp
 CFLAGS = ("-O3", "-fopenmp")

@@ -34,7 +34,7 @@ from ..export.concatenate import concatenate_safetensors, write_tensor_file
 from ..export.integrity import digest
 from ..export.formats import ENCODINGS
 from ..export.saving import WEIGHTS_METADATA, weights_file, write_export_files
-from ..memory import PeakMemory, map_large_allocations
+from ..memory import PeakMemory, recycled_large_allocations
 from ..models.default import default_model_dir
 from ..models.handle import LoadedModel
 from ..models.loading import _HUB_ID, _load_tokenizer, _read_config, resolve_device, resolve_model_directory
@@ -163,7 +163,6 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     (``restart`` discards them), and they are removed once the export is complete.
     """
     started = time.perf_counter()
-    map_large_allocations()  # resident memory is then what is alive (see sparseforge.memory)
     out_dir = Path(out_dir)
     directory = source_directory(str(model))
     source = WeightSource(directory)  # every shard whole, or refused here
@@ -203,7 +202,7 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
     checkpoint = Checkpoint(checkpoints, settings)
     store = StreamedBlocks(handle, source, compute_dtype, fmt, export_dtype, checkpoint.resume().get("encoded"),
                            capture_only=_non_block_parameters(handle) if needs_calibration else [])
-    with PeakMemory() as peak:
+    with recycled_large_allocations() as recycling, PeakMemory() as peak:
         if needs_calibration:
             report = prune_sequential(handle, windows, plan, checkpoint,
                                       resolve_device(device) if device is not None else None, progress,
@@ -212,7 +211,8 @@ def prune_streamed(model: str, out_dir: str | os.PathLike, method: str = "wanda"
             prune_data_free(handle, plan, progress, store, checkpoint)
             report = {"method": plan.method.name, "pattern": plan.pattern.name, "target_sparsity": plan.sparsity,
                       "allocation": plan.allocation, "block_sparsity": plan.block_sparsity}
-    report.setdefault("memory", {}).update(peak_rss_mib=round(peak.peak_mb, 1), start_rss_mib=round(peak.start_mb, 1))
+    report.setdefault("memory", {}).update(peak_rss_mib=round(peak.peak_mb, 1), start_rss_mib=round(peak.start_mb, 1),
+                                           recycled_allocations=recycling)
     report = {"stage": "prune", "streamed": True, "source": str(model), "source_directory": str(directory),
               "source_fingerprint": source.fingerprint, **report, "versions": {"sparseforge": __version__}}
     parts = _outside_block_parts(handle, source, checkpoint.directory / "outside-blocks", names, export_dtype)
