@@ -252,11 +252,31 @@ def _synthetic_run(args, name: str, layers: int | None, results, save, check: bo
     return result
 
 
+def _plot(path: Path, panels: list[dict]) -> None:
+    """One figure of side-by-side panels, each ``{"x", "series": {label: ys}, "xlabel", "ylabel", "title"}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, ys in panel["series"].items():
+            ax.plot(panel["x"], ys, marker="o" if not label.startswith("(") else None,
+                    linestyle="-" if not label.startswith("(") else "--", label=label)
+        ax.set(xlabel=panel["xlabel"], ylabel=panel["ylabel"], title=panel["title"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def synthetic(args, results, save) -> list[str]:
     from _common import markdown_table
 
     _windows(args, "default")
-    rows, points = [], []
+    rows, points, sizes = [], [], []
     for name in args.sizes:
         g = GEOMETRIES[name]
         r = _synthetic_run(args, name, None, results, save, check=True)
@@ -264,6 +284,7 @@ def synthetic(args, results, save) -> list[str]:
         fp32_gib = (block_params(g) * g["num_hidden_layers"] + g["vocab_size"] * g["hidden_size"] *
                     (1 if g["tie_word_embeddings"] else 2)) * 4 / 2**30
         points.append((block_params(g), per_block))
+        sizes.append((fp32_gib, r["peak_rss_mib"] / 1024))
         check = r.get("export_check", {})
         rows.append([name, g["hidden_size"], g["num_hidden_layers"], f"{fp32_gib:.1f}",
                      f"{r['peak_rss_mib'] / 1024:.2f}", f"{r['memory']['weights_resident_peak_mib']:.0f}",
@@ -288,6 +309,17 @@ def synthetic(args, results, save) -> list[str]:
                              f"{g['num_hidden_layers']})")
         lines.append("projection on this machine (fit of s/block against parameters per block, same calibration): "
                      + "; ".join(projected))
+        params = [p / 1e6 for p, _ in points]
+        _plot(args.out / "synthetic.png", [
+            {"x": params, "series": {"measured": [t for _, t in points],
+                                     "(fit a + b x params)": [a + b * p * 1e6 for p in params]},
+             "xlabel": "parameters per block (millions)", "ylabel": "s per block",
+             "title": f"Wanda 50%, {args.nsamples} x {args.seqlen} tokens ({', '.join(args.sizes)})"},
+            {"x": [w for w, _ in sizes], "series": {"peak RSS, streamed": [m for _, m in sizes],
+                                                    "(fp32 weights of the model)": [w for w, _ in sizes]},
+             "xlabel": "model fp32 weights (GiB)", "ylabel": "GiB",
+             "title": "peak resident memory against model size"}])
+        lines.append("plot: synthetic.png")
     return lines
 
 
@@ -306,10 +338,17 @@ def depth(args, results, save) -> list[str]:
     block_mib = block_params(g) * 4 / 2**20
     lines = [markdown_table(["blocks (1B geometry)", "peak RSS MiB, pruning", "peak RSS MiB, process (incl. export)",
                              "weights resident MiB", "activations MiB", "s"], rows)]
+    _plot(args.out / "depth.png", [{
+        "x": [p[0] for p in points],
+        "series": {"peak RSS, pruning stage": [p[1] for p in points], "peak RSS, process": [p[2] for p in points],
+                   "(every block resident in fp32)": [points[0][2] + (p[0] - points[0][0]) * block_mib
+                                                      for p in points]},
+        "xlabel": "blocks (1B geometry)", "ylabel": "MiB", "title": "peak resident memory against depth"}])
     for column, label in ((1, "pruning"), (2, "whole process")):
         slope = (points[-1][column] - points[0][column]) / (points[-1][0] - points[0][0])
         lines.append(f"peak RSS growth per added block, {label}: {slope:.1f} MiB = {slope / block_mib:.1%} of one "
                      f"block's fp32 size ({block_mib:.0f} MiB)")
+    lines.append("plot: depth.png")
     return lines
 
 

@@ -35,7 +35,7 @@ def _native_or_skip():
 
 
 def test_recycled_allocations_reuse_blocks_and_restore_the_allocator():
-    from sparseforge.memory import recycled_large_allocations
+    from sparseforge.kernels.recycling import recycled_large_allocations
 
     ops = _native_or_skip()
     mib = 2**20
@@ -56,7 +56,7 @@ def test_recycled_allocations_reuse_blocks_and_restore_the_allocator():
 
 
 def test_recycling_never_keeps_more_than_the_peak_of_live_memory():
-    from sparseforge.memory import recycled_large_allocations
+    from sparseforge.kernels.recycling import recycled_large_allocations
 
     ops = _native_or_skip()
     mib = 2**20
@@ -74,12 +74,11 @@ def test_recycling_never_keeps_more_than_the_peak_of_live_memory():
 
 
 def test_recycled_allocations_fall_back_to_a_fixed_mmap_threshold(monkeypatch):
-    from sparseforge import memory
-    from sparseforge.kernels import build
+    from sparseforge.kernels import recycling
 
     calls = []
-    monkeypatch.setattr(build, "native", lambda: None)
-    monkeypatch.setattr(memory, "map_large_allocations", lambda threshold: calls.append(threshold) or True)
-    with memory.recycled_large_allocations(min_bytes=3 << 20) as counters:
+    monkeypatch.setattr(recycling, "native", lambda: None)
+    monkeypatch.setattr(recycling, "map_large_allocations", lambda threshold: calls.append(threshold) or True)
+    with recycling.recycled_large_allocations(min_bytes=3 << 20) as counters:
         pass
     assert counters is None and calls == [3 << 20]

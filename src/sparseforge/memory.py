@@ -3,13 +3,13 @@
 Activations of one calibration batch are tens of MB: below glibc's (self-raising) mmap threshold, so after they
 are freed glibc keeps the pages in its heap, and the process's resident memory creeps up block after block even
 though nothing is alive. ``malloc_trim`` returns those pages between blocks; within a block, where the peak is
-made, :func:`recycled_large_allocations` keeps large tensors out of the heap altogether and reuses their pages
-(with :func:`map_large_allocations` as its fallback). Elsewhere (macOS, musl) these are no-ops.
+made, :func:`sparseforge.kernels.recycling.recycled_large_allocations` keeps large tensors out of the heap
+altogether and reuses their pages (with :func:`map_large_allocations` as its fallback). Elsewhere (macOS, musl)
+these are no-ops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -44,43 +44,13 @@ def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> bool:
     left above it then pins the freed pages, and the resident peak of a run depends on the order of frees (on the
     default model's SparseGPT job: 1.4-1.6 GiB, against 1.07 GiB with a fixed 128 KiB threshold). Fixing the
     threshold (which also stops its adaptation) makes resident memory what is alive. Returns whether it was set
-    (False off glibc). Process-wide and permanent: the fallback of :func:`recycled_large_allocations`.
+    (False off glibc). Process-wide and permanent: the fallback of the recycling allocator
+    (:mod:`sparseforge.kernels.recycling`).
     """
     mallopt = libc_function("mallopt")
     if threshold <= 0:
         return False
     return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, int(threshold)))
-
-
-RECYCLING_LIMIT = 1 << 30
-
-
-@contextlib.contextmanager
-def recycled_large_allocations(min_bytes: int = LARGE_ALLOCATION, limit_bytes: int = RECYCLING_LIMIT):
-    """Within the block, torch tensors of ``min_bytes`` or more come from their own memory maps, and a freed one is
-    kept (up to ``limit_bytes`` in all) for the next request of the same size (``csrc/recycling.cpp``).
-
-    Layer-sequential pruning asks for the same few large sizes thousands of times. With glibc's heap, interleaved
-    batches fragment it (the default model's streamed Wanda job: resident peak 1346 MiB); with a memory map per
-    request (:func:`map_large_allocations` alone) every byte is faulted in and zeroed again (18 million page
-    faults, a fifth of the run). Recycling keeps resident memory at what is alive plus at most ``limit_bytes``
-    without the faults. Where the native extension is not built, only :func:`map_large_allocations` applies.
-    Yields the final counters ``{"reused", "mapped", ...}`` (filled in when the block ends), or None without it.
-    """
-    from .kernels.build import native
-
-    ops = native()
-    if ops is None or not ops.recycle_large_allocations(min_bytes, limit_bytes):
-        map_large_allocations(min_bytes)
-        yield None
-        return
-    counters: dict = {}
-    try:
-        yield counters
-    finally:
-        reused, mapped, _, _ = ops.recycling_stats()
-        ops.stop_recycling()
-        counters.update(reused=reused, mapped=mapped)
 
 
 def release_freed_memory() -> None:

@@ -34,7 +34,8 @@ from ..export.concatenate import concatenate_safetensors, write_tensor_file
 from ..export.integrity import digest
 from ..export.formats import ENCODINGS
 from ..export.saving import WEIGHTS_METADATA, weights_file, write_export_files
-from ..memory import PeakMemory, recycled_large_allocations
+from ..kernels.recycling import recycled_large_allocations
+from ..memory import PeakMemory
 from ..models.default import default_model_dir
 from ..models.handle import LoadedModel
 from ..models.loading import _HUB_ID, _load_tokenizer, _read_config, resolve_device, resolve_model_directory
