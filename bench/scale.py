@@ -253,7 +253,8 @@ def _synthetic_run(args, name: str, layers: int | None, results, save, check: bo
 
 
 def _plot(path: Path, panels: list[dict]) -> None:
-    """One figure of side-by-side panels, each ``{"x", "series": {label: ys}, "xlabel", "ylabel", "title"}``."""
+    """One figure of side-by-side panels, each ``{"x", "series": {label: ys}, "reference": {label: ys}, "xlabel",
+    "ylabel", "title"}``: measured series with markers, reference lines dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,8 +263,9 @@ def _plot(path: Path, panels: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for label, ys in panel["series"].items():
-            ax.plot(panel["x"], ys, marker="o" if not label.startswith("(") else None,
-                    linestyle="-" if not label.startswith("(") else "--", label=label)
+            ax.plot(panel["x"], ys, marker="o", label=label)
+        for label, ys in panel["reference"].items():
+            ax.plot(panel["x"], ys, linestyle="--", label=label)
         ax.set(xlabel=panel["xlabel"], ylabel=panel["ylabel"], title=panel["title"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -311,12 +313,12 @@ def synthetic(args, results, save) -> list[str]:
                      + "; ".join(projected))
         params = [p / 1e6 for p, _ in points]
         _plot(args.out / "synthetic.png", [
-            {"x": params, "series": {"measured": [t for _, t in points],
-                                     "(fit a + b x params)": [a + b * p * 1e6 for p in params]},
+            {"x": params, "series": {"measured": [t for _, t in points]},
+             "reference": {"fit a + b x params": [a + b * p * 1e6 for p in params]},
              "xlabel": "parameters per block (millions)", "ylabel": "s per block",
              "title": f"Wanda 50%, {args.nsamples} x {args.seqlen} tokens ({', '.join(args.sizes)})"},
-            {"x": [w for w, _ in sizes], "series": {"peak RSS, streamed": [m for _, m in sizes],
-                                                    "(fp32 weights of the model)": [w for w, _ in sizes]},
+            {"x": [w for w, _ in sizes], "series": {"peak RSS, streamed": [m for _, m in sizes]},
+             "reference": {"fp32 weights of the model": [w for w, _ in sizes]},
              "xlabel": "model fp32 weights (GiB)", "ylabel": "GiB",
              "title": "peak resident memory against model size"}])
         lines.append("plot: synthetic.png")
@@ -340,9 +342,9 @@ def depth(args, results, save) -> list[str]:
                              "weights resident MiB", "activations MiB", "s"], rows)]
     _plot(args.out / "depth.png", [{
         "x": [p[0] for p in points],
-        "series": {"peak RSS, pruning stage": [p[1] for p in points], "peak RSS, process": [p[2] for p in points],
-                   "(every block resident in fp32)": [points[0][2] + (p[0] - points[0][0]) * block_mib
-                                                      for p in points]},
+        "series": {"peak RSS, pruning stage": [p[1] for p in points], "peak RSS, process": [p[2] for p in points]},
+        "reference": {"every block resident in fp32": [points[0][2] + (p[0] - points[0][0]) * block_mib
+                                                       for p in points]},
         "xlabel": "blocks (1B geometry)", "ylabel": "MiB", "title": "peak resident memory against depth"}])
     for column, label in ((1, "pruning"), (2, "whole process")):
         slope = (points[-1][column] - points[0][column]) / (points[-1][0] - points[0][0])

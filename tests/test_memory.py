@@ -39,7 +39,7 @@ def test_recycled_allocations_reuse_blocks_and_restore_the_allocator():
 
     ops = _native_or_skip()
     mib = 2**20
-    with recycled_large_allocations(min_bytes=mib, limit_bytes=64 * mib) as counters:
+    with recycled_large_allocations(min_bytes=mib) as counters:
         survivor = torch.full((3 * mib // 4,), 7.0)  # 3 MiB, alive past the scope
         for step in range(20):
             scratch = torch.full((mib,), float(step))  # 4 MiB, freed every step
@@ -60,7 +60,7 @@ def test_recycling_never_keeps_more_than_the_peak_of_live_memory():
 
     ops = _native_or_skip()
     mib = 2**20
-    with recycled_large_allocations(min_bytes=mib, limit_bytes=1024 * mib):
+    with recycled_large_allocations(min_bytes=mib):
         blocks = [torch.empty(2 * mib // 4) for _ in range(3)]  # 6 MiB alive
         del blocks  # 6 MiB kept, sizes no later request fits
         kept, mapped = ops.recycling_stats()[2:]

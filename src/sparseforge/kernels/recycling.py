@@ -11,11 +11,8 @@ import contextlib
 from ..memory import LARGE_ALLOCATION, map_large_allocations
 from .build import native
 
-RECYCLING_LIMIT = 1 << 30
-
-
 @contextlib.contextmanager
-def recycled_large_allocations(min_bytes: int = LARGE_ALLOCATION, limit_bytes: int = RECYCLING_LIMIT):
+def recycled_large_allocations(min_bytes: int = LARGE_ALLOCATION):
     """Within the block, torch tensors of ``min_bytes`` or more come from their own memory maps, and a freed one is
     kept for the next request of about the same size (``csrc/recycling.cpp``).
 
@@ -23,11 +20,11 @@ def recycled_large_allocations(min_bytes: int = LARGE_ALLOCATION, limit_bytes: i
     batches fragment it (the default model's streamed Wanda job: process peak 1338 MiB against 947); with a memory
     map per request (:func:`map_large_allocations` alone) every byte is faulted in and zeroed again (18 million
     page faults, about a quarter of the time). Kept blocks never take the mapped total above the peak of live
-    memory, nor above ``limit_bytes``. Where the native extension is not built, only :func:`map_large_allocations`
-    applies. Yields the counters ``{"reused", "mapped"}`` (filled in when the block ends), or None without it.
+    memory. Where the native extension is not built, only :func:`map_large_allocations` applies. Yields the
+    counters ``{"reused", "mapped"}`` (filled in when the block ends), or None without it.
     """
     ops = native()
-    if ops is None or not ops.recycle_large_allocations(min_bytes, limit_bytes):
+    if ops is None or not ops.recycle_large_allocations(min_bytes):
         map_large_allocations(min_bytes)
         yield None
         return

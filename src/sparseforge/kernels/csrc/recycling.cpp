@@ -8,9 +8,10 @@
 // faulted in and zeroed by the kernel again: 70 GB of page faults for one pruning run of the 135M default model.
 // Here a freed block of at least `min_bytes` is kept (resident, no zeroing) for a later request of the same
 // page-rounded size or up to an eighth smaller. Kept blocks are given back (least recently freed first) whenever
-// keeping them would put the mapped total above the most that has been alive at once, and beyond `limit_bytes`:
-// the resident peak is then the peak of live memory, as with a map per request, without most of the faults.
-// Smaller requests go to c10's own allocation functions.
+// keeping them would put the mapped total above the most that has been alive at once; a freed block only turns
+// from live to kept, so this is checked when a block is mapped anew. The resident peak is then the peak of live
+// memory, as with a map per request, without most of the faults. Smaller requests go to c10's own allocation
+// functions.
 //
 // The allocator is installed for a scope (`recycle_large_allocations` / `stop_recycling`); blocks alive when the
 // scope ends are returned to the system when freed.
@@ -49,10 +50,9 @@ class RecyclingAllocator final : public c10::Allocator {
     return allocator;
   }
 
-  void start(int64_t min_bytes, int64_t limit_bytes) {
+  void start(int64_t min_bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     min_bytes_ = size_t(std::max<int64_t>(min_bytes, 1));
-    limit_ = size_t(std::max<int64_t>(limit_bytes, 0));
     hits_ = misses_ = 0;
     max_live_ = mapped_bytes_ - kept_bytes_;
     active_ = true;
@@ -122,14 +122,13 @@ class RecyclingAllocator final : public c10::Allocator {
       return;
     }
     const size_t bytes = found->second;
-    if (!active_ || bytes > limit_) {
+    if (!active_) {
       unmap(found);
       return;
     }
     kept_.push_back({ptr, bytes});
     by_size_[bytes].push_back(std::prev(kept_.end()));
     kept_bytes_ += bytes;
-    while (kept_bytes_ > limit_) evict_oldest();
   }
 
   void evict_oldest() {
@@ -156,7 +155,6 @@ class RecyclingAllocator final : public c10::Allocator {
   std::mutex mutex_;
   bool active_ = false;
   std::atomic<size_t> min_bytes_{SIZE_MAX};  // read without the lock by every allocation
-  size_t limit_ = 0;
   Order kept_;
   std::map<size_t, std::vector<Order::iterator>> by_size_;
   std::unordered_map<void*, size_t> mapped_;  // every live or kept block of ours, with its size
@@ -165,10 +163,10 @@ class RecyclingAllocator final : public c10::Allocator {
 
 c10::Allocator* previous = nullptr;
 
-bool recycle_large_allocations(int64_t min_bytes, int64_t limit_bytes) {
+bool recycle_large_allocations(int64_t min_bytes) {
   RecyclingAllocator& pool = RecyclingAllocator::instance();
   if (c10::GetCPUAllocator() != &pool) previous = c10::GetCPUAllocator();
-  pool.start(min_bytes, limit_bytes);
+  pool.start(min_bytes);
   c10::SetCPUAllocator(&pool, /*priority=*/UINT8_MAX);
   return c10::GetCPUAllocator() == &pool;
 }
@@ -185,7 +183,7 @@ std::vector<int64_t> recycling_stats() { return RecyclingAllocator::instance().s
 }  // namespace sf
 
 TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, lib) {
-  lib.def("recycle_large_allocations(int min_bytes, int limit_bytes) -> bool", &sf::recycle_large_allocations);
+  lib.def("recycle_large_allocations(int min_bytes) -> bool", &sf::recycle_large_allocations);
   lib.def("stop_recycling() -> ()", &sf::stop_recycling);
   lib.def("recycling_stats() -> int[]", &sf::recycling_stats);
 }
