@@ -25,7 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import copy_bandwidth, markdown_table, print_setup  # noqa: E402
+from _common import copy_bandwidth, markdown_table, print_setup, streamed_mib  # noqa: E402
 from runtime_kernels import MIB, mask_at, measure  # noqa: E402
 
 from sparseforge import kernels  # noqa: E402
@@ -70,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--activations", type=float, nargs="+", default=[0.0, 0.4, 0.5])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--cycle-mib", type=int, default=256)
+    parser.add_argument("--cycle-mib", type=int, default=streamed_mib(),
+                        help="weight bytes each variant cycles over (default: twice the last-level cache)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "activation_kernels.md"))

@@ -7,7 +7,9 @@ Variants, all measured by :func:`sparseforge.evaluation.speed.compare_speed` in 
 repeats, greedy, KV cache, batch 1):
 
 * ``torch fp32``: the dense model as users run it today (PyTorch, float32);
-* ``runtime dense fp16``: the same dense model in the runtime's own dense fp16 kernel (isolates precision);
+* ``runtime dense fp16`` (or bf16): the same dense model in the runtime's own dense 16-bit kernel (isolates
+  precision). ``--dtype`` picks the 16-bit type of every runtime variant; default: the model's own (bf16 for the
+  default model's bf16 checkpoint, fp16 for the random-weight geometry);
 * ``runtime dense fp16, Python step`` (``--python-step``): the same, decoding through the per-layer Python step
   instead of the native whole-model step (isolates what the native step saves per token);
 
@@ -112,6 +114,11 @@ def with_activation_thresholds(handle: LoadedModel, target: float) -> float:
     return attachment.summary()["overall"]
 
 
+def values_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The 16-bit type the runtime installed in ``model`` holds its weights in."""
+    return next(m.packed.values.dtype for m in model.modules() if getattr(m, "packed", None) is not None)
+
+
 def column_bytes(model: torch.nn.Module) -> int:
     """Bytes of the column-layout weights (those whose reads activation sparsity cuts)."""
     from sparseforge.kernels import ColumnWeight
@@ -124,6 +131,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--amounts", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
+                        help="16-bit type of the runtime's weights (default: the model's own, else float16)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -136,33 +145,35 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or str(Path(__file__).parent / "results" / f"runtime-{args.model}.md")
     torch.set_num_threads(args.threads)
-    setup = print_setup(bench="runtime", model=args.model, amounts=args.amounts, threads=args.threads,
+    setup = print_setup(bench="runtime", model=args.model, amounts=args.amounts, threads=args.threads, dtype=args.dtype,
                         prompt=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats, batch=1,
                         pruning="magnitude (bytes, not quality)", kernels=isa_info())
     bandwidth = copy_bandwidth()
     print(f"memory copy bandwidth: {bandwidth:.1f} GB/s")
     cached: dict = {}
     dense = fresh(args.model, cached)
-    install_runtime(dense, "dense")
-    models = {"runtime dense fp16": dense.model}
+    install_runtime(dense, "dense", values_dtype=args.dtype)
+    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[values_dtype(dense.model)]
+    base_name = f"runtime dense {half}"
+    models = {base_name: dense.model}
     if args.python_step:
         python_step = fresh(args.model, cached)
-        install_runtime(python_step, "dense", native_decode=False)
-        models["runtime dense fp16, Python step"] = python_step.model
+        install_runtime(python_step, "dense", native_decode=False, values_dtype=args.dtype)
+        models[f"{base_name}, Python step"] = python_step.model
     skipped: dict[str, float] = {}  # variant -> realised activation sparsity (share of block weights not read)
     for amount in args.amounts:
         handle = pruned(args.model, amount, cached)
-        runtime = install_runtime(handle, "sparse")
+        runtime = install_runtime(handle, "sparse", values_dtype=args.dtype)
         handle.masks.clear()  # packed into the layouts: the boolean masks (1 byte per weight) are not needed
         models[f"runtime sparse {amount}"] = handle.model
         print(f"{amount}: {runtime.describe()}")
     if args.activations is not None:
         for amount in (None, args.amounts[0]):
             handle = fresh(args.model, cached) if amount is None else pruned(args.model, amount, cached)
-            name = f"runtime {'dense fp16' if amount is None else f'sparse {amount}'} + activations " \
+            name = f"{base_name if amount is None else f'runtime sparse {amount}'} + activations " \
                    f"{args.activations:g}"
             skipped[name] = with_activation_thresholds(handle, args.activations)
-            runtime = install_runtime(handle, "dense" if amount is None else "sparse")
+            runtime = install_runtime(handle, "dense" if amount is None else "sparse", values_dtype=args.dtype)
             handle.masks.clear()
             models[name] = handle.model
             print(f"{name}: {runtime.describe()}, realised activation sparsity {skipped[name]:.3f}")
@@ -171,9 +182,9 @@ def main() -> None:
     measured = compare_speed(models, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=args.repeats,
                              threads=args.threads)
     results = measured["results"]
-    base = results["runtime dense fp16"]
+    base = results[base_name]
     fp32 = results["torch fp32"]
-    base_bytes = weight_bytes_per_token(models["runtime dense fp16"])
+    base_bytes = weight_bytes_per_token(models[base_name])
     rows = []
     for name, model in models.items():
         r = results[name]
@@ -185,7 +196,7 @@ def main() -> None:
                      f"{base_bytes / read:.2f}x", f"{per_token * 1e3:.1f}", f"{(per_token - streaming) * 1e3:.1f}",
                      f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x",
                      f"{resident_bytes(model) / 2**20:.0f}",
-                     f"{resident_bytes(model) / resident_bytes(models['runtime dense fp16']):.2f}x"])
+                     f"{resident_bytes(model) / resident_bytes(models[base_name]):.2f}x"])
     table = markdown_table(["variant", "decode tok/s", "vs torch fp32", "vs runtime dense", "MiB read / token",
                             "bytes bound vs runtime dense", "ms / token", "ms / token beyond streaming",
                             "prefill tok/s", "prefill vs runtime dense", "resident weight MiB",

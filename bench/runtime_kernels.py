@@ -3,7 +3,7 @@ memory-bound regime of decoding: y = x @ W.T with x of 1..16 rows.
 
     .venv/bin/python bench/runtime_kernels.py [--rounds 7] [--out bench/results/runtime_kernels.txt]
 
-Every variant cycles over enough distinct weight matrices (> --cycle-mib, default 256 MiB, 8x the 32 MiB L3) that
+Every variant cycles over enough distinct weight matrices (> --cycle-mib, default twice the last-level cache) that
 each matvec streams its weights from DRAM, as in a real decode step. Variants are measured in turn within each
 round, their order rotating from round to round, and the median over rounds is reported, so drift and other load
 on the machine hit all of them alike. GB/s counts the weight bytes a matvec reads (values, masks or positions,
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import copy_bandwidth, markdown_table, print_setup
+from _common import copy_bandwidth, last_level_cache_mib, markdown_table, print_setup, streamed_mib
 from sparseforge import kernels
 
 MIB = 2**20
@@ -128,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cycle-mib", type=int, default=256, help="weight bytes each variant cycles over")
+    parser.add_argument("--cycle-mib", type=int, default=streamed_mib(),
+                        help="weight bytes each variant cycles over (default: twice the last-level cache)")
     parser.add_argument("--out", type=Path, help="also write the output here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +147,8 @@ def run(args) -> None:
     bandwidth = copy_bandwidth(args.rounds)
     print_setup(rounds=args.rounds, cycle_mib=args.cycle_mib, isa=info["auto"], cpu_isas=info["cpu"],
                 other_load_before=f"{busy_before:.0%}")
-    print(f"memory copy bandwidth: {bandwidth:.1f} GB/s (512 MiB float32 tensor copy_, read + write bytes, median "
+    print(f"last-level cache {last_level_cache_mib()} MiB; memory copy bandwidth: {bandwidth:.1f} GB/s "
+          f"(float32 tensor copy_ of max(512 MiB, the cache), read + write bytes, median "
           f"of {args.rounds})")
     shape_tables(args, bandwidth, gen)
     crossover_table(args, gen)

@@ -177,9 +177,16 @@ def test_isa_info_and_auto():
     if not info["native"]:
         pytest.skip("native kernels unavailable here")
     assert "portable" in info["cpu"] and "portable" in info["compiled"]
-    assert info["usable"] == [isa for isa in kernels.NATIVE_ISAS if isa in info["cpu"] and isa in info["compiled"]]
+    order = dispatch.preference(dispatch.cpu_vendor())
+    assert info["usable"] == [isa for isa in order if isa in info["cpu"] and isa in info["compiled"]]
     assert info["auto"] == info["usable"][0]
     assert dispatch.resolve_isa("torch") is None
+
+
+def test_auto_prefers_the_16_bit_expand_on_intel_only():
+    assert dispatch.preference("GenuineIntel")[:2] == ("avx512_vbmi2", "avx512")
+    assert dispatch.preference("AuthenticAMD")[:2] == ("avx512", "avx512_vbmi2")
+    assert sorted(dispatch.preference("")) == sorted(kernels.NATIVE_ISAS)
 
 
 def test_environment_pins_the_auto_path(monkeypatch):

@@ -26,18 +26,18 @@ def _pruned(pattern="unstructured", sparsity=0.5, family="tiny-llama"):
     return handle
 
 
-def _fp16_reference(handle):
-    """The same model with every runtime-held weight (block linears, LM head, embeddings) rounded to fp16 and
-    computed densely in fp32."""
+def _fp16_reference(handle, dtype=torch.float16):
+    """The same model with every runtime-held weight (block linears, LM head, embeddings) rounded to fp16 (or
+    ``dtype``) and computed densely in fp32."""
     reference = copy.deepcopy(handle)
     with torch.no_grad():
         for view in reference.adapter.linears():
-            view.module.weight.copy_(view.module.weight.half().float())
+            view.module.weight.copy_(view.module.weight.to(dtype).float())
         head, embedding = reference.adapter.lm_head(), reference.adapter.embed_tokens()
         if type(embedding) is not nn.Embedding:  # kept as loaded by the runtime: untie the head from it
             head.weight = nn.Parameter(head.weight.detach().clone())
         for module in {head, embedding} if type(embedding) is nn.Embedding else {head}:
-            module.weight.copy_(module.weight.half().float())
+            module.weight.copy_(module.weight.to(dtype).float())
     return reference.model
 
 
@@ -57,6 +57,33 @@ def test_runtime_logits_and_greedy_generation_match_the_dense_fp16_model(family,
         ours = handle.model.generate(ids[:1], max_new_tokens=12, do_sample=False)
         theirs = reference.generate(ids[:1], max_new_tokens=12, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+def test_a_bf16_runtime_matches_the_model_with_the_same_bf16_weights():
+    """bf16 values decode by shifting and masking (pair-split), a path of its own in every AVX-512 kernel."""
+    handle = _pruned()
+    reference = _fp16_reference(handle, torch.bfloat16)
+    install_runtime(handle, "sparse", values_dtype="bfloat16")
+    held = {m.packed.values.dtype for m in handle.model.modules() if isinstance(m, SparseLinear)}
+    assert held == {torch.bfloat16}
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(handle.model(ids).logits, reference(ids).logits, **TOLERANCE)
+        ours = handle.model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+        theirs = reference.generate(ids[:1], max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_runtime_weights_default_to_the_checkpoints_half_type():
+    handle = _pruned()
+    handle.model.config.dtype = torch.bfloat16  # a bf16 checkpoint loaded in float32
+    install_runtime(handle, "sparse")
+    assert {m.packed.values.dtype for m in handle.model.modules() if isinstance(m, SparseLinear)} == {torch.bfloat16}
+    plain = _pruned()
+    install_runtime(plain, "sparse")
+    assert {m.packed.values.dtype for m in plain.model.modules() if isinstance(m, SparseLinear)} == {torch.float16}
+    with pytest.raises(RuntimeRequestError, match="float16 or bfloat16, not float32"):
+        install_runtime(_pruned(), "sparse", values_dtype="float32")
 
 
 def test_sparse_layouts_read_fewer_bytes_than_the_same_runtime_dense():

@@ -105,8 +105,24 @@ class _Timer:
         return self.memo[key]
 
 
-def _value_dtype(handle: LoadedModel) -> torch.dtype:
-    return torch.bfloat16 if handle.dtype == torch.bfloat16 else torch.float16
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _value_dtype(handle: LoadedModel, requested: str | torch.dtype | None) -> torch.dtype:
+    """The 16-bit type the runtime holds weights in: the one requested, else the model's own half type (the loaded
+    dtype, or the checkpoint's when loaded in float32: a bf16 checkpoint's weights are exact in bf16), else fp16.
+    bf16 values also decode in fewer instructions (the AVX-512 kernels shift or mask them into float32)."""
+    if requested is not None:
+        dtype = VALUE_DTYPES.get(requested, requested) if isinstance(requested, str) else requested
+        if dtype not in VALUE_DTYPES.values():
+            raise RuntimeRequestError(f"runtime weights are float16 or bfloat16, not {requested}")
+        return dtype
+    if handle.dtype in VALUE_DTYPES.values():
+        return handle.dtype
+    config = handle.model.config
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = VALUE_DTYPES.get(saved, saved) if isinstance(saved, str) else saved
+    return saved if saved in VALUE_DTYPES.values() else torch.float16
 
 
 # projections that read the same input tensor, run as one fused product when all of a group are present
@@ -181,8 +197,10 @@ class SparseRuntime:
 
 
 def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_decode: bool = True,
-                    native_decode: bool = True) -> SparseRuntime:
+                    native_decode: bool = True, values_dtype: str | torch.dtype | None = None) -> SparseRuntime:
     """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment.
+
+    ``values_dtype``: "float16" or "bfloat16" for the weights held (default: the model's own half type, else fp16).
 
     ``lean_decode``: Llama-style layers decode one token through :mod:`.decode` (same logits, less overhead).
     ``native_decode``: batch-1 decoding steps of such a model run all layers in one native call
@@ -198,9 +216,9 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
     if mode == "sparse" and not masks:
         raise RuntimeRequestError("runtime 'sparse' needs a pruned model with recorded masks (this one has none; a dense "
                             "checkpoint pruned elsewhere: add --masks-from-zeros)")
+    dtype = _value_dtype(handle, values_dtype)
     if mode == "auto" and not masks:
-        log("› no pruning masks recorded: the runtime holds every layer dense (fp16)")
-    dtype = _value_dtype(handle)
+        log(f"› no pruning masks recorded: the runtime holds every layer dense ({str(dtype).split('.')[-1]})")
     activations = handle.attachment("activation_sparsity")  # thresholds: column layouts that skip zeroed inputs
     timer = _Timer() if mode == "auto" and masks and activations is None else None
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ namespace sf::avx512 {
 
 void dense(const Problem& p, const DenseWeight& w, int64_t begin, int64_t end) {
   if (p.bf16) {
-    run<ExpandKernel<DenseDecoder<true>>>(p, DenseDecoder<true>{w, p.in}, begin, end);
+    run<ExpandKernel<DenseDecoder<true, true>>>(pair_split(p), DenseDecoder<true, true>{w, p.in}, begin, end);
   } else {
     run<ExpandKernel<DenseDecoder<false>>>(p, DenseDecoder<false>{w, p.in}, begin, end);
   }

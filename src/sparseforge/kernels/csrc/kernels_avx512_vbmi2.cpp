@@ -12,7 +12,8 @@ namespace sf::avx512_vbmi2 {
 
 void bitmask(const Problem& p, const BitmaskWeight& w, int64_t begin, int64_t end) {
   if (p.bf16) {
-    run<ExpandKernel<BitmaskDecoder<true>>>(p, BitmaskDecoder<true>{w, p.in, p.out}, begin, end);
+    run<ExpandKernel<BitmaskDecoder<true, true>>>(pair_split(p), BitmaskDecoder<true, true>{w, p.in, p.out}, begin,
+                                                  end);
   } else {
     run<ExpandKernel<BitmaskDecoder<false>>>(p, BitmaskDecoder<false>{w, p.in, p.out}, begin, end);
   }
