@@ -8,8 +8,7 @@ repeats, greedy, KV cache, batch 1):
 
 * ``torch fp32``: the dense model as users run it today (PyTorch, float32);
 * ``runtime dense fp16`` (or bf16): the same dense model in the runtime's own dense 16-bit kernel (isolates
-  precision). ``--dtype`` picks the 16-bit type of every runtime variant; default: the model's own (bf16 for the
-  default model's bf16 checkpoint, fp16 for the random-weight geometry);
+  precision). ``--dtype`` picks the 16-bit type of every runtime variant (default fp16: the models load in fp32);
 * ``runtime dense fp16, Python step`` (``--python-step``): the same, decoding through the per-layer Python step
   instead of the native whole-model step (isolates what the native step saves per token);
 
@@ -132,7 +131,7 @@ def main() -> None:
     parser.add_argument("--amounts", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
-                        help="16-bit type of the runtime's weights (default: the model's own, else float16)")
+                        help="16-bit type of the runtime's weights (default: float16)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

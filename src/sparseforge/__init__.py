@@ -76,17 +76,18 @@ def __getattr__(name: str):
     return value
 
 
-def load_model(source: str = "default", *args, runtime: str | None = None, **kwargs) -> "LoadedModel":
+def load_model(source: str = "default", *args, runtime: str | None = None, runtime_dtype: str | None = None,
+               **kwargs) -> "LoadedModel":
     """Load a model (see :func:`sparseforge.models.loading.load_model` for ``source`` and the options) and, with
     ``runtime`` ("sparse", "dense" or "auto"), put it in the CPU sparse-weight runtime for inference
-    (:func:`sparseforge.runtime.install_runtime`)."""
+    (:func:`sparseforge.runtime.install_runtime`; ``runtime_dtype``: "float16" or "bfloat16" weights)."""
     from .models.loading import load_model as load
 
     handle = load(source, *args, **kwargs)
     if runtime is not None:
         from .runtime import install_runtime
 
-        install_runtime(handle, runtime)
+        install_runtime(handle, runtime, values_dtype=runtime_dtype)
     return handle
 
 

@@ -74,14 +74,14 @@ def test_a_bf16_runtime_matches_the_model_with_the_same_bf16_weights():
     assert torch.equal(ours, theirs)
 
 
-def test_runtime_weights_default_to_the_checkpoints_half_type():
-    handle = _pruned()
-    handle.model.config.dtype = torch.bfloat16  # a bf16 checkpoint loaded in float32
-    install_runtime(handle, "sparse")
-    assert {m.packed.values.dtype for m in handle.model.modules() if isinstance(m, SparseLinear)} == {torch.bfloat16}
+def test_runtime_weights_default_to_the_loaded_half_type_else_fp16():
+    held = lambda h: {m.packed.values.dtype for m in h.model.modules() if isinstance(m, SparseLinear)}  # noqa: E731
+    loaded_bf16 = load_model("tiny-llama", dtype="bfloat16")
+    install_runtime(loaded_bf16, "dense")
+    assert held(loaded_bf16) == {torch.bfloat16}
     plain = _pruned()
     install_runtime(plain, "sparse")
-    assert {m.packed.values.dtype for m in plain.model.modules() if isinstance(m, SparseLinear)} == {torch.float16}
+    assert held(plain) == {torch.float16}
     with pytest.raises(RuntimeRequestError, match="float16 or bfloat16, not float32"):
         install_runtime(_pruned(), "sparse", values_dtype="float32")
 

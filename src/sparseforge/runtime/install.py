@@ -109,20 +109,15 @@ VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _value_dtype(handle: LoadedModel, requested: str | torch.dtype | None) -> torch.dtype:
-    """The 16-bit type the runtime holds weights in: the one requested, else the model's own half type (the loaded
-    dtype, or the checkpoint's when loaded in float32: a bf16 checkpoint's weights are exact in bf16), else fp16.
-    bf16 values also decode in fewer instructions (the AVX-512 kernels shift or mask them into float32)."""
-    if requested is not None:
-        dtype = VALUE_DTYPES.get(requested, requested) if isinstance(requested, str) else requested
-        if dtype not in VALUE_DTYPES.values():
-            raise RuntimeRequestError(f"runtime weights are float16 or bfloat16, not {requested}")
-        return dtype
-    if handle.dtype in VALUE_DTYPES.values():
-        return handle.dtype
-    config = handle.model.config
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved = VALUE_DTYPES.get(saved, saved) if isinstance(saved, str) else saved
-    return saved if saved in VALUE_DTYPES.values() else torch.float16
+    """The 16-bit type the runtime holds weights in: the one requested, else the loaded one if it is 16-bit, else
+    fp16 (a model loaded in float32, the default). bf16 values decode in fewer instructions on AVX-512 (shifted or
+    masked into float32, docs/kernels.md); fp16 keeps three more bits of each weight."""
+    if requested is None:
+        return handle.dtype if handle.dtype in VALUE_DTYPES.values() else torch.float16
+    dtype = VALUE_DTYPES.get(requested, requested) if isinstance(requested, str) else requested
+    if dtype not in VALUE_DTYPES.values():
+        raise RuntimeRequestError(f"runtime weights are float16 or bfloat16, not {requested}")
+    return dtype
 
 
 # projections that read the same input tensor, run as one fused product when all of a group are present
@@ -200,7 +195,7 @@ def install_runtime(handle: LoadedModel, mode: str = "auto", log=print, lean_dec
                     native_decode: bool = True, values_dtype: str | torch.dtype | None = None) -> SparseRuntime:
     """Replace the block linears (and the LM head) of ``handle`` by runtime linears; returns the attachment.
 
-    ``values_dtype``: "float16" or "bfloat16" for the weights held (default: the model's own half type, else fp16).
+    ``values_dtype``: "float16" or "bfloat16" for the weights held (default: the loaded dtype if 16-bit, else fp16).
 
     ``lean_decode``: Llama-style layers decode one token through :mod:`.decode` (same logits, less overhead).
     ``native_decode``: batch-1 decoding steps of such a model run all layers in one native call
