@@ -41,6 +41,19 @@ def _fp16_reference(handle, dtype=torch.float16):
     return reference.model
 
 
+def assert_same_logits_and_generation(model, reference):
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, **TOLERANCE)
+        ours = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+        theirs = reference.generate(ids[:1], max_new_tokens=12, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def held_dtypes(handle) -> set:
+    return {m.packed.values.dtype for m in handle.model.modules() if isinstance(m, SparseLinear)}
+
+
 @pytest.mark.parametrize("family,pattern,layout", [("tiny-llama", "unstructured", "bitmask"),
                                                    ("tiny-llama", "2:4", "nm"), ("tiny-opt", "unstructured", "bitmask"),
                                                    ("tiny-gpt2", "unstructured", "bitmask"),
@@ -51,12 +64,7 @@ def test_runtime_logits_and_greedy_generation_match_the_dense_fp16_model(family,
     runtime = install_runtime(handle, "sparse")
     assert {layer.layout for layer in runtime.layers[:-1]} == {layout}
     assert runtime.layers[-1].layout == "dense"  # the LM head
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(handle.model(ids).logits, reference(ids).logits, **TOLERANCE)
-        ours = handle.model.generate(ids[:1], max_new_tokens=12, do_sample=False)
-        theirs = reference.generate(ids[:1], max_new_tokens=12, do_sample=False)
-    assert torch.equal(ours, theirs)
+    assert_same_logits_and_generation(handle.model, reference)
 
 
 def test_a_bf16_runtime_matches_the_model_with_the_same_bf16_weights():
@@ -64,24 +72,17 @@ def test_a_bf16_runtime_matches_the_model_with_the_same_bf16_weights():
     handle = _pruned()
     reference = _fp16_reference(handle, torch.bfloat16)
     install_runtime(handle, "sparse", values_dtype="bfloat16")
-    held = {m.packed.values.dtype for m in handle.model.modules() if isinstance(m, SparseLinear)}
-    assert held == {torch.bfloat16}
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(handle.model(ids).logits, reference(ids).logits, **TOLERANCE)
-        ours = handle.model.generate(ids[:1], max_new_tokens=12, do_sample=False)
-        theirs = reference.generate(ids[:1], max_new_tokens=12, do_sample=False)
-    assert torch.equal(ours, theirs)
+    assert held_dtypes(handle) == {torch.bfloat16}
+    assert_same_logits_and_generation(handle.model, reference)
 
 
 def test_runtime_weights_default_to_the_loaded_half_type_else_fp16():
-    held = lambda h: {m.packed.values.dtype for m in h.model.modules() if isinstance(m, SparseLinear)}  # noqa: E731
     loaded_bf16 = load_model("tiny-llama", dtype="bfloat16")
     install_runtime(loaded_bf16, "dense")
-    assert held(loaded_bf16) == {torch.bfloat16}
+    assert held_dtypes(loaded_bf16) == {torch.bfloat16}
     plain = _pruned()
     install_runtime(plain, "sparse")
-    assert held(plain) == {torch.float16}
+    assert held_dtypes(plain) == {torch.float16}
     with pytest.raises(RuntimeRequestError, match="float16 or bfloat16, not float32"):
         install_runtime(_pruned(), "sparse", values_dtype="float32")
 
@@ -154,8 +155,13 @@ def test_eval_and_generate_run_in_the_runtime_from_the_command_line(capsys, monk
     assert report["runtime"]["layouts"]["bitmask"] > 0 and report["runtime"]["layers"][0]["layout"] == "bitmask"
     assert abs(report["metrics"]["after"]["sparsity"] - 0.5) < 0.01  # statistics still see the packed weights
     code, out, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "pruned", "Hello", "--max-new-tokens", "4",
-                             "--runtime", "auto")
+                             "--runtime", "auto", "--runtime-dtype", "bfloat16")
     assert code == 0, err
+    code, _, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "pruned", "Hello", "--runtime-dtype", "bfloat16")
+    assert_clean_failure(code, err, "--runtime-dtype needs --runtime")
+    code, _, err = run_cli(capsys, monkeypatch, "generate", tmp_path / "pruned", "Hello", "--runtime", "sparse",
+                           "--runtime-dtype", "int8")
+    assert_clean_failure(code, err, "float16 or bfloat16, not int8")
     code, _, err = run_cli(capsys, monkeypatch, "generate", "tiny-llama", "Hello", "--runtime", "sparse")
     assert_clean_failure(code, err, "needs a pruned model with recorded masks")
     code, _, err = run_cli(capsys, monkeypatch, "eval", "tiny-llama", "--runtime", "turbo", "--no-ppl")
