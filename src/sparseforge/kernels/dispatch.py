@@ -1,8 +1,8 @@
 """Which code path a matmul takes: a native instruction set, or the PyTorch fallback.
 
 ``isa="auto"`` takes the best instruction set that is both compiled in and supported by this CPU, in the order
-:func:`preference` gives for its vendor; the ``SPARSEFORGE_KERNEL_ISA`` environment variable replaces "auto" (to pin a path for a
-whole run). A forced instruction set this CPU lacks falls back to the best one it has, after a one-line warning,
+:func:`preference` gives for its vendor; the ``SPARSEFORGE_KERNEL_ISA`` environment variable replaces "auto" (to
+pin a path for a whole run). A forced instruction set this CPU lacks falls back to the best one it has, after a one-line warning,
 so a setting made on one machine never crashes another; ``"torch"`` always takes the PyTorch path.
 """
 

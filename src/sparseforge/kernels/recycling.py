@@ -11,6 +11,7 @@ import contextlib
 from ..memory import LARGE_ALLOCATION, map_large_allocations
 from .build import native
 
+
 @contextlib.contextmanager
 def recycled_large_allocations(min_bytes: int = LARGE_ALLOCATION):
     """Within the block, torch tensors of ``min_bytes`` or more come from their own memory maps, and a freed one is

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..dtypes import resolve_dtype
 from ..errors import SparseforgeError
 from ..evaluation.speed import weight_bytes_per_token
 from ..kernels import ColumnWeight, PackedWeight, PreparedMatmul, pack_bitmask, pack_columns, pack_dense, pack_nm
@@ -105,17 +106,15 @@ class _Timer:
         return self.memo[key]
 
 
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def _value_dtype(handle: LoadedModel, requested: str | torch.dtype | None) -> torch.dtype:
     """The 16-bit type the runtime holds weights in: the one requested, else the loaded one if it is 16-bit, else
     fp16 (a model loaded in float32, the default). bf16 values decode in fewer instructions on AVX-512 (shifted or
     masked into float32, docs/kernels.md); fp16 keeps three more bits of each weight."""
+    halves = (torch.float16, torch.bfloat16)
     if requested is None:
-        return handle.dtype if handle.dtype in VALUE_DTYPES.values() else torch.float16
-    dtype = VALUE_DTYPES.get(requested, requested) if isinstance(requested, str) else requested
-    if dtype not in VALUE_DTYPES.values():
+        return handle.dtype if handle.dtype in halves else torch.float16
+    dtype = resolve_dtype(requested)
+    if dtype not in halves:
         raise RuntimeRequestError(f"runtime weights are float16 or bfloat16, not {requested}")
     return dtype
 

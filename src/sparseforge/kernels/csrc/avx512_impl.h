@@ -166,22 +166,13 @@ SF_TARGET void unpack_rows(const Problem& p, const Decoder& dec, float* dense, i
 
 // ---- expand kernel: decoded chunks times x --------------------------------------------------------------------
 
-// Accumulators per output feature and row of x: two (one per half of a chunk) while they fit in registers with
-// the decoded weights, so each chunk adds two independent FMAs instead of a chain of two (bf16 at 70% sparsity in
-// cache: 83 -> ... us per 1024 x 2048 product); one past that.
 template <int OB, int RB>
-constexpr int kHalves = OB * RB <= 8 ? 2 : 1;
-
-template <int OB, int RB, int H>
-SF_INLINE void fma_chunk(__m512 (&acc)[OB][RB][H], const __m512 (&w)[OB][2], const float* x, int64_t ldx) {
+SF_INLINE void fma_chunk(__m512 (&acc)[OB][RB], const __m512 (&w)[OB][2], const float* x, int64_t ldx) {
   SF_UNROLL
   for (int r = 0; r < RB; ++r) {
     const __m512 x0 = _mm512_loadu_ps(x + r * ldx), x1 = _mm512_loadu_ps(x + r * ldx + 16);
     SF_UNROLL
-    for (int j = 0; j < OB; ++j) {
-      acc[j][r][0] = _mm512_fmadd_ps(w[j][0], x0, acc[j][r][0]);
-      acc[j][r][H - 1] = _mm512_fmadd_ps(w[j][1], x1, acc[j][r][H - 1]);
-    }
+    for (int j = 0; j < OB; ++j) acc[j][r] = _mm512_fmadd_ps(w[j][1], x1, _mm512_fmadd_ps(w[j][0], x0, acc[j][r]));
   }
 }
 
@@ -190,30 +181,26 @@ struct ExpandKernel {
   using Context = Decoder;
   template <int OB, int RB>
   SF_TARGET static void tile(const Problem& p, const Decoder& dec, int64_t o0, int64_t r0) {
-    constexpr int H = kHalves<OB, RB>;
     typename Decoder::Cursor cur[OB];
     for (int j = 0; j < OB; ++j) cur[j] = dec.start(o0 + j);
-    __m512 acc[OB][RB][H];
+    __m512 acc[OB][RB];
     for (int j = 0; j < OB; ++j)
-      for (int r = 0; r < RB; ++r)
-        for (int h = 0; h < H; ++h) acc[j][r][h] = _mm512_setzero_ps();
+      for (int r = 0; r < RB; ++r) acc[j][r] = _mm512_setzero_ps();
     const float* x = p.x + r0 * p.ldx;
     __m512 w[OB][2];
     const int64_t full = dec.full_chunks();
     for (int64_t c = 0; c < full; ++c) {
       SF_UNROLL
       for (int j = 0; j < OB; ++j) dec.load(cur[j], w[j][0], w[j][1]);
-      fma_chunk<OB, RB, H>(acc, w, x + c * kWindow, p.ldx);
+      fma_chunk<OB, RB>(acc, w, x + c * kWindow, p.ldx);
     }
     if (const __mmask32 k = dec.tail_mask()) {
       SF_UNROLL
       for (int j = 0; j < OB; ++j) dec.load_tail(cur[j], k, w[j][0], w[j][1]);
-      fma_chunk<OB, RB, H>(acc, w, x + full * kWindow, p.ldx);
+      fma_chunk<OB, RB>(acc, w, x + full * kWindow, p.ldx);
     }
     for (int j = 0; j < OB; ++j)
-      for (int r = 0; r < RB; ++r)
-        p.y[(r0 + r) * p.out + o0 + j] =
-            finish(H == 2 ? _mm512_add_ps(acc[j][r][0], acc[j][r][H - 1]) : acc[j][r][0], p.bias, o0 + j);
+      for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.out + o0 + j] = finish(acc[j][r], p.bias, o0 + j);
   }
 };
 
