@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from sparseforge.kernels import matmul, pack_dense
+from sparseforge.kernels import matmul, pack_bitmask, pack_dense
 from sparseforge.kernels.pages import HUGE_PAGE, huge_page_copy, on_huge_pages
 
 
@@ -26,4 +26,17 @@ def test_layout_on_huge_pages_multiplies_as_before():
     packed = pack_dense(weight)
     moved = on_huge_pages(packed)
     x = torch.randn(1, 1536)
+    assert torch.equal(matmul(x, moved), matmul(x, packed))
+
+
+def test_bitmask_layout_moves_values_and_masks_and_multiplies_as_before():
+    weight = torch.randn(4096, 4096)  # masks 2 MiB, values (50% kept, fp16) 16 MiB: both a huge page or more
+    packed = pack_bitmask(weight, torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) >= 0.5)
+    moved = on_huge_pages(packed)
+    for field in ("values", "masks"):
+        assert torch.equal(getattr(moved, field), getattr(packed, field))
+        if sys.platform == "linux":
+            assert getattr(moved, field).data_ptr() % HUGE_PAGE == 0
+    assert moved.offsets is packed.offsets  # 32 KiB: under a huge page, left where it was
+    x = torch.randn(2, 4096)
     assert torch.equal(matmul(x, moved), matmul(x, packed))
