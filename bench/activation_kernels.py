@@ -1,10 +1,10 @@
 """Activation sparsity at the kernel level: the column-layout kernels (``kernels.column_matmul``) against our row
 kernels at the same precision, batch 1, in the memory-bound regime of decoding.
 
-    .venv/bin/python bench/activation_kernels.py [--rounds 7] [--activations 0.25 0.4 0.5]
+    .venv/bin/python bench/activation_kernels.py [--rounds 7] [--activations 0.25 0.4 0.5] [--dtype bfloat16]
 
 Shapes: the four products of a decoder block (fused q/k/v, o, fused gate/up, down) of the TinyLlama-1.1B
-geometry and of the default model. Variants: our dense fp16 row kernel (the runtime's dense baseline), our 50%
+geometry and of the default model. Variants: our dense row kernel (the runtime's dense baseline), our 50%
 bitmask row kernel, and the column layouts (dense and 50% bitmask) at each activation sparsity, where that share
 of the input entries (random positions: TEAL's zeros follow the input, not the layout) falls below the
 threshold. Every variant cycles over enough distinct matrices (> ``--cycle-mib``) that each product streams its
@@ -29,6 +29,10 @@ from _common import copy_bandwidth, markdown_table, print_setup, streamed_mib  #
 from runtime_kernels import MIB, mask_at, measure  # noqa: E402
 
 from sparseforge import kernels  # noqa: E402
+from sparseforge.kernels.columns import PreparedColumns  # noqa: E402
+from sparseforge.kernels.pages import on_huge_pages  # noqa: E402
+
+HALF_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 SHAPES = {"TinyLlama-1.1B geometry": ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)),
           "default model": ((960, 576), (576, 576), (3072, 576), (576, 1536))}
@@ -39,21 +43,26 @@ def column_bytes(packed, active: float) -> float:
     return packed.nbytes * active
 
 
-def variants_for(shape, activations, cycle_mib: int, gen) -> tuple[dict, dict, int]:
-    """name -> (operands, call, bytes read), the threshold per activation sparsity, and the matrices cycled."""
+def variants_for(shape, activations, cycle_mib: int, dtype: torch.dtype, gen) -> tuple[dict, int]:
+    """name -> (operands, call, bytes read), and the matrices cycled. Every product is bound once per matrix and
+    its tensors are on huge pages, as the runtime holds them (``PreparedMatmul``, ``PreparedColumns``,
+    ``on_huge_pages``)."""
     count = max(2, math.ceil(cycle_mib * MIB / (shape[0] * shape[1] * 2)))
     weights = [torch.randn(shape, generator=gen) for _ in range(count)]
     masks = [mask_at(shape, 0.5, gen) for _ in range(count)]
-    rows_dense = [kernels.pack_dense(w) for w in weights]
-    rows_bitmask = [kernels.pack_bitmask(w, m) for w, m in zip(weights, masks)]
-    columns_dense = [kernels.pack_columns(w) for w in weights]
-    columns_bitmask = [kernels.pack_columns(w, m) for w, m in zip(weights, masks)]
-    variants = {"row dense fp16": (rows_dense, lambda w, x: kernels.matmul(x, w), rows_dense[0].nbytes),
-                "row bitmask 50%": (rows_bitmask, lambda w, x: kernels.matmul(x, w), rows_bitmask[0].nbytes)}
+    rows_dense = [on_huge_pages(kernels.pack_dense(w, dtype)) for w in weights]
+    rows_bitmask = [on_huge_pages(kernels.pack_bitmask(w, m, dtype)) for w, m in zip(weights, masks)]
+    columns_dense = [on_huge_pages(kernels.pack_columns(w, None, dtype)) for w in weights]
+    columns_bitmask = [on_huge_pages(kernels.pack_columns(w, m, dtype)) for w, m in zip(weights, masks)]
+    half = HALF_NAME[dtype]
+    variants = {f"row dense {half}": ([kernels.PreparedMatmul(p) for p in rows_dense], lambda product, x: product(x),
+                                      rows_dense[0].nbytes),
+                "row bitmask 50%": ([kernels.PreparedMatmul(p) for p in rows_bitmask], lambda product, x: product(x),
+                                    rows_bitmask[0].nbytes)}
     for sparsity in activations:
         for label, packed in (("dense", columns_dense), ("bitmask 50%", columns_bitmask)):
             variants[f"column {label}, activations {sparsity:.0%}"] = (
-                packed, lambda w, x, s=sparsity: kernels.column_matmul(x, w, s),
+                [PreparedColumns(p, None, sparsity) for p in packed], lambda product, x: product(x),
                 column_bytes(packed[0], 1 - sparsity))
     return variants, count
 
@@ -73,23 +82,26 @@ def main() -> None:
     parser.add_argument("--cycle-mib", type=int, default=streamed_mib(),
                         help="weight bytes each variant cycles over (default: twice the last-level cache)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                        help="16-bit type of every variant's weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "activation_kernels.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
-    lines = [f"setup: {print_setup(bench='activation_kernels', activations=args.activations, rounds=args.rounds, cycle_mib=args.cycle_mib, threads=args.threads, kernels=kernels.isa_info())}"]
+    dtype = getattr(torch, args.dtype)
+    lines = [f"setup: {print_setup(bench='activation_kernels', activations=args.activations, rounds=args.rounds, cycle_mib=args.cycle_mib, threads=args.threads, dtype=args.dtype, huge_pages=True, kernels=kernels.isa_info())}"]
     bandwidth = copy_bandwidth()
     lines.append(f"memory copy bandwidth: {bandwidth:.1f} GB/s")
     for model, shapes in SHAPES.items():
         totals: dict[str, list[float]] = {}
         for shape in shapes:
-            variants, count = variants_for(shape, args.activations, args.cycle_mib, gen)
+            variants, count = variants_for(shape, args.activations, args.cycle_mib, dtype, gen)
             # one x for all: magnitudes spread evenly in (0, 1], so each column variant's threshold (its activation
             # sparsity, closed over by its call) zeroes that share of the inputs
             timed = measure(variants, activation_input(shape[1], gen), args.rounds)
-            base = timed["row dense fp16"]
-            base_bytes = variants["row dense fp16"][2]
+            dense = f"row dense {HALF_NAME[dtype]}"
+            base, base_bytes = timed[dense], variants[dense][2]
             rows = []
             for name, (_, _, nbytes) in variants.items():
                 totals.setdefault(name, [0.0, 0.0, 0.0])
@@ -104,7 +116,7 @@ def main() -> None:
                                          "bytes bound", "measured / bound"], rows))
             print("\n".join(lines[-2:]), flush=True)
             del variants
-        base_time = totals["row dense fp16"][0]
+        base_time = totals[f"row dense {HALF_NAME[dtype]}"][0]
         rows = [[name, f"{base_time / t:.2f}x", f"{dense_bytes / b:.2f}x", f"{base_time / t / (dense_bytes / b):.2f}"]
                 for name, (t, b, dense_bytes) in totals.items()]
         lines.append(f"\n### {model}: one block's four products together\n")
