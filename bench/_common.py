@@ -59,6 +59,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+HALF_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the runtime's 16-bit weight types, by short name
+
+
+def half_name(dtype: torch.dtype) -> str:
+    """"fp16" or "bf16": how benchmark variants name a 16-bit weight type."""
+    return next(name for name, half in HALF_TYPES.items() if half == dtype)
+
+
 def last_level_cache_mib() -> int:
     """Size of the largest CPU cache in MiB (sysfs; 32 if unreadable): 32 MiB on a 2-core EPYC slice, 480 MiB on
     the Xeon some of our machines are, which a 256 MiB working set would fit in."""

@@ -25,14 +25,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _common import copy_bandwidth, markdown_table, print_setup, streamed_mib  # noqa: E402
+from _common import copy_bandwidth, half_name, markdown_table, print_setup, streamed_mib  # noqa: E402
 from runtime_kernels import MIB, mask_at, measure  # noqa: E402
 
 from sparseforge import kernels  # noqa: E402
 from sparseforge.kernels.columns import PreparedColumns  # noqa: E402
 from sparseforge.kernels.pages import on_huge_pages  # noqa: E402
 
-HALF_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 SHAPES = {"TinyLlama-1.1B geometry": ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632)),
           "default model": ((960, 576), (576, 576), (3072, 576), (576, 1536))}
@@ -54,7 +53,7 @@ def variants_for(shape, activations, cycle_mib: int, dtype: torch.dtype, gen) ->
     rows_bitmask = [on_huge_pages(kernels.pack_bitmask(w, m, dtype)) for w, m in zip(weights, masks)]
     columns_dense = [on_huge_pages(kernels.pack_columns(w, None, dtype)) for w in weights]
     columns_bitmask = [on_huge_pages(kernels.pack_columns(w, m, dtype)) for w, m in zip(weights, masks)]
-    half = HALF_NAME[dtype]
+    half = half_name(dtype)
     variants = {f"row dense {half}": ([kernels.PreparedMatmul(p) for p in rows_dense], lambda product, x: product(x),
                                       rows_dense[0].nbytes),
                 "row bitmask 50%": ([kernels.PreparedMatmul(p) for p in rows_bitmask], lambda product, x: product(x),
@@ -100,7 +99,7 @@ def main() -> None:
             # one x for all: magnitudes spread evenly in (0, 1], so each column variant's threshold (its activation
             # sparsity, closed over by its call) zeroes that share of the inputs
             timed = measure(variants, activation_input(shape[1], gen), args.rounds)
-            dense = f"row dense {HALF_NAME[dtype]}"
+            dense = f"row dense {half_name(dtype)}"
             base, base_bytes = timed[dense], variants[dense][2]
             rows = []
             for name, (_, _, nbytes) in variants.items():
@@ -116,7 +115,7 @@ def main() -> None:
                                          "bytes bound", "measured / bound"], rows))
             print("\n".join(lines[-2:]), flush=True)
             del variants
-        base_time = totals[f"row dense {HALF_NAME[dtype]}"][0]
+        base_time = totals[f"row dense {half_name(dtype)}"][0]
         rows = [[name, f"{base_time / t:.2f}x", f"{dense_bytes / b:.2f}x", f"{base_time / t / (dense_bytes / b):.2f}"]
                 for name, (t, b, dense_bytes) in totals.items()]
         lines.append(f"\n### {model}: one block's four products together\n")

@@ -43,7 +43,7 @@ from sparseforge.models.handle import LoadedModel
 from sparseforge.models.loading import load_model
 from sparseforge.runtime import install_runtime
 
-from _common import copy_bandwidth, markdown_table, print_setup
+from _common import copy_bandwidth, half_name, markdown_table, print_setup
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -152,7 +152,7 @@ def main() -> None:
     cached: dict = {}
     dense = fresh(args.model, cached)
     install_runtime(dense, "dense", values_dtype=args.dtype)
-    half = {torch.float16: "fp16", torch.bfloat16: "bf16"}[values_dtype(dense.model)]
+    half = half_name(values_dtype(dense.model))
     base_name = f"runtime dense {half}"
     models = {base_name: dense.model}
     if args.python_step:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import copy_bandwidth, last_level_cache_mib, markdown_table, print_setup, streamed_mib
+from _common import HALF_TYPES, copy_bandwidth, last_level_cache_mib, markdown_table, print_setup, streamed_mib
 from sparseforge import kernels
 from sparseforge.kernels.pages import huge_page_copy, on_huge_pages
 
@@ -53,9 +53,6 @@ def two_four(shape, gen) -> torch.Tensor:
     return (lanes < 2).reshape(shape)
 
 
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def build_variants(shape, names, cycle_mib: int, gen) -> tuple[dict, int]:
     """name -> (list of operands, call(operand, x), bytes read per matvec), and the matrices cycled over. Our
     kernels are bound once per matrix (PreparedMatmul) and their tensors moved to huge pages, as the runtime holds
@@ -64,7 +61,7 @@ def build_variants(shape, names, cycle_mib: int, gen) -> tuple[dict, int]:
     variants = {}
     for name in names:
         operands, nbytes = [], 0
-        half = HALF.get(name.split()[1]) if not name.startswith("PyTorch") else None
+        half = HALF_TYPES.get(name.split()[1]) if not name.startswith("PyTorch") else None
         for _ in range(count):
             weight = torch.randn(shape, generator=gen)
             if name.startswith("dense"):
@@ -128,7 +125,7 @@ def shape_tables(args, bandwidth: float, gen) -> None:
 
 def crossover_table(args, gen) -> None:
     shape, sparsities, batches = (4096, 4096), (30, 50, 70, 90), (1, 2, 4, 8, 16)
-    for half in HALF:
+    for half in HALF_TYPES:
         names = [f"dense {half} (ours)"] + [f"bitmask {half} {s}%" for s in sparsities]
         variants, count = build_variants(shape, names, args.cycle_mib, gen)
         rows = []

@@ -57,18 +57,29 @@ SF_INLINE void widen_for_dot(__m512i raw, __m512& lo, __m512& hi) {
   }
 }
 
-// Rows of x (stride p.ldx, a multiple of 32) with each chunk of 32 reordered to its 16 even then its 16 odd
-// inputs, into a buffer of the calling thread; the problem returned reads x from there.
+// Whole chunks of 32 of values[0, count) reordered to pair-split (16 even, then 16 odd) or back: for x before a
+// pair-split dot product, and for the column kernels' accumulators around their passes.
+SF_TARGET void pair_split_chunks(float* values, int64_t count, bool back) {
+  alignas(64) int32_t to_split[2][16], to_natural[2][16];
+  for (int l = 0; l < 16; ++l) {
+    to_split[0][l] = 2 * l, to_split[1][l] = 2 * l + 1;  // from the natural chunk (a: 0-15, b: 16-31)
+    to_natural[0][l] = (l % 2) * 16 + l / 2, to_natural[1][l] = ((16 + l) % 2) * 16 + (16 + l) / 2;
+  }
+  const int32_t(&index)[2][16] = back ? to_natural : to_split;
+  const __m512i first = _mm512_load_si512(index[0]), second = _mm512_load_si512(index[1]);
+  for (int64_t j = 0; j + kWindow <= count; j += kWindow) {
+    const __m512 a = _mm512_loadu_ps(values + j), b = _mm512_loadu_ps(values + j + 16);
+    _mm512_storeu_ps(values + j, _mm512_permutex2var_ps(a, first, b));
+    _mm512_storeu_ps(values + j + 16, _mm512_permutex2var_ps(a, second, b));
+  }
+}
+
+// Rows of x (stride p.ldx, a multiple of 32) pair-split into a buffer of the calling thread; the problem returned
+// reads x from there.
 SF_TARGET Problem pair_split(const Problem& p) {
   thread_local std::vector<float> split;
-  split.resize(size_t(p.rows * p.ldx));
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  for (int64_t i = 0; i < p.rows * p.ldx; i += kWindow) {
-    const __m512 a = _mm512_loadu_ps(p.x + i), b = _mm512_loadu_ps(p.x + i + 16);
-    _mm512_storeu_ps(split.data() + i, _mm512_permutex2var_ps(a, even, b));
-    _mm512_storeu_ps(split.data() + i + 16, _mm512_permutex2var_ps(a, odd, b));
-  }
+  split.assign(p.x, p.x + p.rows * p.ldx);
+  pair_split_chunks(split.data(), p.rows * p.ldx, false);
   Problem q = p;
   q.x = split.data();
   return q;
@@ -111,17 +122,20 @@ struct BitmaskDecoder {
   const BitmaskWeight& w;
   int64_t in;
   int64_t out;
+  bool far;  // rows also request the row 2 kOB on into L2: under 40% of weights kept, or short rows (see load)
+
+  BitmaskDecoder(const BitmaskWeight& w_, int64_t in_, int64_t out_)
+      : w(w_), in(in_), out(out_),
+        far(in_ <= kShortRow || (w_.offsets[out_] - w_.offsets[0]) * 5 < 2 * out_ * in_) {}
   struct Cursor {
     const uint16_t* p;
     const uint32_t* mask;
     int64_t ahead;  // values between this row and the row kOB on (prefetched as this row is read)
-    bool far;       // also request the row 2 kOB on into L2 (sparse or short rows: see load)
   };
   int64_t chunks() const { return (in + kWindow - 1) / kWindow; }
   Cursor start(int64_t o) const {
     const int64_t ahead = o + kOB <= out ? w.offsets[o + kOB] - w.offsets[o] : 0;
-    const bool far = in <= kShortRow || (w.offsets[out] - w.offsets[0]) * 5 < 2 * out * in;  // or < 40% kept
-    return {w.values + w.offsets[o], w.masks + o * chunks(), ahead, far};
+    return {w.values + w.offsets[o], w.masks + o * chunks(), ahead};
   }
   int64_t full_chunks() const { return chunks(); }
   __mmask32 tail_mask() const { return 0; }
@@ -134,7 +148,7 @@ struct BitmaskDecoder {
     // at most kShortRow inputs gain at any sparsity (the default model's 576- and 1536-input products at 50%:
     // 1.24-1.32x -> 1.36-1.47x; at 30% up to +7%, at 70% +4-7%); 2048 inputs gained nothing. Every other chunk:
     // two chunks' values take at most a line at up to 50% kept.
-    if (c.far && (k & 1) == 0) _mm_prefetch((const char*)(c.p + 2 * c.ahead), _MM_HINT_T1);
+    if (far && (k & 1) == 0) _mm_prefetch((const char*)(c.p + 2 * c.ahead), _MM_HINT_T1);
     if ((k & 15) == 0) _mm_prefetch((const char*)(c.mask + kOB * chunks()), _MM_HINT_T0);  // 16 masks per line
     const uint32_t m = *c.mask++;
 #if SF_VBMI2
@@ -435,22 +449,6 @@ SF_TARGET void column_pass(const float* x, const int32_t* active, const int32_t*
   }
 }
 
-// Whole chunks of 32 of acc[0, out) reordered to pair-split (16 even, then 16 odd outputs) or back.
-SF_TARGET void pair_split_outputs(float* acc, int64_t out, bool back) {
-  alignas(64) int32_t to_split[2][16], to_natural[2][16];
-  for (int l = 0; l < 16; ++l) {
-    to_split[0][l] = 2 * l, to_split[1][l] = 2 * l + 1;  // from the natural chunk (a: 0-15, b: 16-31)
-    to_natural[0][l] = (l % 2) * 16 + l / 2, to_natural[1][l] = ((16 + l) % 2) * 16 + (16 + l) / 2;
-  }
-  const int32_t(&index)[2][16] = back ? to_natural : to_split;
-  const __m512i first = _mm512_load_si512(index[0]), second = _mm512_load_si512(index[1]);
-  for (int64_t j = 0; j + kWindow <= out; j += kWindow) {
-    const __m512 a = _mm512_loadu_ps(acc + j), b = _mm512_loadu_ps(acc + j + 16);
-    _mm512_storeu_ps(acc + j, _mm512_permutex2var_ps(a, first, b));
-    _mm512_storeu_ps(acc + j + 16, _mm512_permutex2var_ps(a, second, b));
-  }
-}
-
 template <bool BF16, bool MASKED, bool PAIRS>
 SF_TARGET void column_passes(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w,
                              int64_t out, float* acc) {
@@ -471,9 +469,9 @@ template <bool BF16, bool MASKED>
 SF_TARGET void column_rows(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out,
                            float* acc) {
   if constexpr (BF16 && (!MASKED || SF_VBMI2)) {
-    pair_split_outputs(acc, out, false);
+    pair_split_chunks(acc, out, false);
     column_passes<BF16, MASKED, true>(x, active, count, w, out, acc);
-    pair_split_outputs(acc, out, true);
+    pair_split_chunks(acc, out, true);
   } else {
     column_passes<BF16, MASKED, false>(x, active, count, w, out, acc);
   }
