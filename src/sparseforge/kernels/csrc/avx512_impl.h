@@ -20,7 +20,6 @@ namespace {
 
 constexpr int kOB = 4;       // output features per work unit
 constexpr int kMaxRows = 4;  // rows of x per work unit
-constexpr int64_t kShortRow = 1536;  // bitmask rows of at most this many inputs always prefetch far (see load)
 
 template <bool BF16>
 SF_INLINE __m512 widen(__m256i h) {
@@ -100,12 +99,17 @@ struct DenseDecoder {
     const uint16_t* p;
   };
   Cursor start(int64_t o) const { return {w.values + o * in}; }
+  // what a work unit's rows prefetch: the same place kOB rows on is what the next work unit reads, one line ahead
+  // per line read, so short rows (a few KiB) stream at full speed instead of each restarting the hardware prefetcher
+  struct Tile {
+    int64_t near;
+  };
+  Tile tile(int64_t) const { return {kOB * in}; }
+  SF_INLINE void step(const Tile&, int64_t) const {}
   int64_t full_chunks() const { return in / kWindow; }
   __mmask32 tail_mask() const { return __mmask32((1u << (in % kWindow)) - 1u); }
-  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi, int64_t) const {
-    // the same place kOB rows on is what the next work unit reads: one line ahead per line read, so short rows
-    // (a few KiB) stream at full speed instead of each restarting the hardware prefetcher
-    _mm_prefetch((const char*)(c.p + kOB * in), _MM_HINT_T0);
+  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi, const Tile& t) const {
+    _mm_prefetch((const char*)(c.p + t.near), _MM_HINT_T0);
     widen_for_dot<BF16, PAIRS>(_mm512_loadu_si512(c.p), lo, hi);
     c.p += kWindow;
   }
@@ -122,34 +126,37 @@ struct BitmaskDecoder {
   const BitmaskWeight& w;
   int64_t in;
   int64_t out;
-  bool far;  // rows also request the row 2 kOB on into L2: under 40% of weights kept, or short rows (see load)
 
-  BitmaskDecoder(const BitmaskWeight& w_, int64_t in_, int64_t out_)
-      : w(w_), in(in_), out(out_),
-        far(in_ <= kShortRow || (w_.offsets[out_] - w_.offsets[0]) * 5 < 2 * out_ * in_) {}
   struct Cursor {
     const uint16_t* p;
     const uint32_t* mask;
-    int64_t ahead;  // values between this row and the row kOB on (prefetched as this row is read)
   };
   int64_t chunks() const { return (in + kWindow - 1) / kWindow; }
-  Cursor start(int64_t o) const {
-    const int64_t ahead = o + kOB <= out ? w.offsets[o + kOB] - w.offsets[o] : 0;
-    return {w.values + w.offsets[o], w.masks + o * chunks(), ahead};
-  }
+  Cursor start(int64_t o) const { return {w.values + w.offsets[o], w.masks + o * chunks()}; }
   int64_t full_chunks() const { return chunks(); }
   __mmask32 tail_mask() const { return 0; }
-  // k: the chunk's index in its row
-  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi, int64_t k) const {
-    _mm_prefetch((const char*)(c.p + c.ahead), _MM_HINT_T0);
-    // A second request twice as far, into L2, keeps more lines in flight. Past 60% sparsity the expand's work per
-    // chunk no longer hides the memory latency of one row ahead: 4096 x 4096 fp16 at 70% 1.77x -> 1.87x over
-    // dense, 11008 x 4096 2.06x -> 2.17x; on such long rows at 30% it cost 8%, and 2048 x 5632 lost 7%. Rows of
-    // at most kShortRow inputs gain at any sparsity (the default model's 576- and 1536-input products at 50%:
-    // 1.24-1.32x -> 1.36-1.47x; at 30% up to +7%, at 70% +4-7%); 2048 inputs gained nothing. Every other chunk:
-    // two chunks' values take at most a line at up to 50% kept.
-    if (far && (k & 1) == 0) _mm_prefetch((const char*)(c.p + 2 * c.ahead), _MM_HINT_T1);
-    if ((k & 15) == 0) _mm_prefetch((const char*)(c.mask + kOB * chunks()), _MM_HINT_T0);  // 16 masks per line
+  // What a work unit prefetches, settled once per unit so the chunk loop carries no prefetch state per row: each
+  // row requests the place kOB rows on (what the next unit reads) into L1 and twice as far into L2, and the unit
+  // requests the next unit's masks, which lie together (kOB masks per chunk). One distance for the unit's rows (the
+  // first row's) is close enough for a prefetch. Against per-row distances, a far request every other chunk for
+  // some rows only, and masks requested row by row (stand-alone driver, 2 threads, streamed, docs/kernels.md):
+  // TinyLlama-1.1B's bf16 products gained 5-9% (2048 x 5632 at 70% 2.03x -> 2.22x over dense); fp16 products,
+  // whose widening keeps the core busy, moved within 2%.
+  struct Tile {
+    int64_t near, far;
+    const uint32_t* masks;
+  };
+  Tile tile(int64_t o) const {
+    const int64_t near = o + kOB <= out ? w.offsets[o + kOB] - w.offsets[o] : 0;
+    return {near, 2 * near, w.masks + std::min(o + kOB, out) * chunks()};
+  }
+  // k: the chunk's index in the unit's rows
+  SF_INLINE void step(const Tile& t, int64_t k) const {
+    _mm_prefetch((const char*)(t.masks + kOB * k), _MM_HINT_T0);
+  }
+  SF_INLINE void load(Cursor& c, __m512& lo, __m512& hi, const Tile& t) const {
+    _mm_prefetch((const char*)(c.p + t.near), _MM_HINT_T0);
+    _mm_prefetch((const char*)(c.p + t.far), _MM_HINT_T1);
     const uint32_t m = *c.mask++;
 #if SF_VBMI2
     // one expand places the kept 16-bit values at their inputs (values are padded, the full load is safe)
@@ -174,10 +181,11 @@ SF_TARGET void unpack_rows(const Problem& p, const Decoder& dec, float* dense, i
   __m512 lo, hi;
   for (int64_t o = begin; o < end; ++o) {
     typename Decoder::Cursor cur = dec.start(o);
+    const typename Decoder::Tile t = dec.tile(o);
     float* row = dense + o * p.ldx;
     const int64_t full = dec.full_chunks();
     for (int64_t c = 0; c < full; ++c) {
-      dec.load(cur, lo, hi, c);
+      dec.load(cur, lo, hi, t);
       _mm512_storeu_ps(row + c * kWindow, lo);
       _mm512_storeu_ps(row + c * kWindow + 16, hi);
     }
@@ -214,9 +222,11 @@ struct ExpandKernel {
     const float* x = p.x + r0 * p.ldx;
     __m512 w[OB][2];
     const int64_t full = dec.full_chunks();
+    const typename Decoder::Tile t = dec.tile(o0);
     for (int64_t c = 0; c < full; ++c) {
+      dec.step(t, c);
       SF_UNROLL
-      for (int j = 0; j < OB; ++j) dec.load(cur[j], w[j][0], w[j][1], c);
+      for (int j = 0; j < OB; ++j) dec.load(cur[j], w[j][0], w[j][1], t);
       fma_chunk<OB, RB>(acc, w, x + c * kWindow, p.ldx);
     }
     if (const __mmask32 k = dec.tail_mask()) {
