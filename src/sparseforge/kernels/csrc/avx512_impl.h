@@ -474,6 +474,28 @@ SF_TARGET void column_passes(const float* x, const int32_t* active, int64_t coun
   for (; a < count; ++a) column_pass<BF16, MASKED, 1, PAIRS>(x, active + a, nullptr, w, out, acc);
 }
 
+// Whole input rows decoded to float32 (prefill): each row's outputs in order, 32 at a time as the passes read them
+template <bool BF16, bool MASKED>
+SF_TARGET void unpack_column_rows(const ColumnWeight& w, int64_t out, float* dense, int64_t begin, int64_t end) {
+  const int64_t words = (out + 63) / 64, full = out / 32 * 32;
+  const uint32_t keep = uint32_t((uint64_t(1) << (out - full)) - 1u);  // the last, partial 32 outputs
+  __m512 lo, hi;
+  for (int64_t i = begin; i < end; ++i) {
+    ColumnRow<BF16, MASKED> row(w, i, words, out, 0.0f);
+    float* target = dense + i * out;
+    for (int64_t j = 0; j < full; j += 32) {
+      row.template next<false>(j, lo, hi);
+      _mm512_storeu_ps(target + j, lo);
+      _mm512_storeu_ps(target + j + 16, hi);
+    }
+    if (full < out) {  // reads past the row stay inside the next row or the values' padding
+      row.template next<false>(full, lo, hi);
+      _mm512_mask_storeu_ps(target + full, _cvtu32_mask16(keep & 0xFFFFu), lo);
+      _mm512_mask_storeu_ps(target + full + 16, _cvtu32_mask16(keep >> 16), hi);
+    }
+  }
+}
+
 // bf16 weights decode pair-split (widen_pairs) wherever the layout allows, the accumulator split around the passes
 template <bool BF16, bool MASKED>
 SF_TARGET void column_rows(const float* x, const int32_t* active, int64_t count, const ColumnWeight& w, int64_t out,
@@ -516,6 +538,15 @@ void unpack(const Problem& p, const NMWeight& w, float* dense, int64_t begin, in
     unpack_nm_rows<true>(p, w, dense, begin, end);
   } else {
     unpack_nm_rows<false>(p, w, dense, begin, end);
+  }
+}
+
+void unpack(const ColumnWeight& w, int64_t out, bool bf16, float* dense, int64_t begin, int64_t end) {
+  const bool masked = w.masks != nullptr;
+  if (bf16) {
+    (masked ? unpack_column_rows<true, true> : unpack_column_rows<true, false>)(w, out, dense, begin, end);
+  } else {
+    (masked ? unpack_column_rows<false, true> : unpack_column_rows<false, false>)(w, out, dense, begin, end);
   }
 }
 

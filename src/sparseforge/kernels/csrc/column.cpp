@@ -19,7 +19,8 @@ namespace sf {
 ColumnLinear::ColumnLinear(const at::Tensor& values, const std::optional<at::Tensor>& masks,
                            const std::optional<at::Tensor>& bases, int64_t out, int64_t in,
                            const std::optional<at::Tensor>& bias, Isa isa)
-    : out_(out), in_(in), bf16_(values.scalar_type() == at::kBFloat16), kernel_(column_kernel(isa)) {
+    : out_(out), in_(in), bf16_(values.scalar_type() == at::kBFloat16), kernel_(column_kernel(isa)),
+      unpack_(column_unpack(isa)) {
   TORCH_CHECK(out >= 1 && in >= 1, "a weight needs at least one input and one output feature");
   TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16),
               "values must be a contiguous float16 or bfloat16 tensor");
@@ -81,37 +82,47 @@ void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) 
   }
 }
 
-at::Tensor ColumnLinear::dense_weight() const {
-  const auto half = bf16_ ? at::kBFloat16 : at::kHalf;
-  at::Tensor columns;  // [in, out] 16-bit values, pruned ones zero
-  if (weight_.masks == nullptr) {
-    columns = at::from_blob(const_cast<uint16_t*>(weight_.values), {in_, out_}, half);
-  } else {
-    const int64_t words = (out_ + 63) / 64;
-    columns = at::zeros({in_, words * 64}, half);
-    uint16_t* target = reinterpret_cast<uint16_t*>(columns.data_ptr());
-    at::parallel_for(0, in_, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const uint16_t* v = weight_.values + weight_.bases[i];
-        for (int64_t word = 0; word < words; ++word)
-          for (uint64_t m = weight_.masks[i * words + word]; m; m &= m - 1)
-            target[i * words * 64 + word * 64 + __builtin_ctzll(m)] = *v++;
-      }
+at::Tensor ColumnLinear::widened() const {
+  // reused: a fresh buffer of tens of MB per prefill would be mapped and page-faulted afresh
+  thread_local std::vector<float> buffer;
+  buffer.resize(size_t(in_ * out_));
+  float* target = buffer.data();
+  const at::Tensor columns = at::from_blob(target, {in_, out_}, at::kFloat);
+  if (unpack_) {
+    at::parallel_for(0, in_, kGrain, [&](int64_t begin, int64_t end) {
+      unpack_(weight_, out_, bf16_, target, begin, end);
     });
-    columns = columns.narrow(1, 0, out_);
+    return columns;
   }
-  return columns.t().to(at::kFloat);
+  const auto half = bf16_ ? at::kBFloat16 : at::kHalf;
+  if (weight_.masks == nullptr) {
+    columns.copy_(at::from_blob(const_cast<uint16_t*>(weight_.values), {in_, out_}, half));
+    return columns;
+  }
+  const int64_t words = (out_ + 63) / 64;
+  at::Tensor bits = at::zeros({in_, words * 64}, half);  // 16-bit values in place, then widened by torch
+  uint16_t* placed = reinterpret_cast<uint16_t*>(bits.data_ptr());
+  at::parallel_for(0, in_, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint16_t* v = weight_.values + weight_.bases[i];
+      for (int64_t word = 0; word < words; ++word)
+        for (uint64_t m = weight_.masks[i * words + word]; m; m &= m - 1)
+          placed[i * words * 64 + word * 64 + __builtin_ctzll(m)] = *v++;
+    }
+  });
+  columns.copy_(bits.narrow(1, 0, out_));
+  return columns;
 }
 
 void ColumnLinear::run_gemm(const float* x, int64_t rows, float* y, float threshold) const {
   at::Tensor xs = at::from_blob(const_cast<float*>(x), {rows, in_}, at::kFloat);
   if (threshold > 0) xs = at::mul(xs, at::ge(at::abs(xs), threshold));
   at::Tensor ys = at::from_blob(y, {rows, out_}, at::kFloat);
-  const at::Tensor weight = dense_weight();
+  const at::Tensor columns = widened();  // x @ W^T with W^T as stored: no transpose
   if (bias_) {
-    at::addmm_out(ys, at::from_blob(const_cast<float*>(bias_), {out_}, at::kFloat), xs, weight.t());
+    at::addmm_out(ys, at::from_blob(const_cast<float*>(bias_), {out_}, at::kFloat), xs, columns);
   } else {
-    at::mm_out(ys, xs, weight.t());
+    at::mm_out(ys, xs, columns);
   }
 }
 

@@ -29,15 +29,17 @@ class ColumnLinear {
   int64_t out() const { return out_; }
   int64_t in() const { return in_; }
   int64_t padded_in() const { return in_; }  // the row layouts' scratch sizing, for drivers that hold both
-  at::Tensor dense_weight() const;           // float32 [out, in]
 
  private:
   void run_gemm(const float* x, int64_t rows, float* y, float threshold) const;
+  // W^T as float32 [in, out], pruned weights zero, in a buffer of the calling thread that the next call reuses
+  at::Tensor widened() const;
   ColumnWeight weight_{};
   int64_t out_, in_;
   const float* bias_ = nullptr;
   bool bf16_;
   ColumnKernel kernel_;
+  ColumnUnpack unpack_;
 };
 
 }  // namespace sf

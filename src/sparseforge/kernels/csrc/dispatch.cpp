@@ -94,6 +94,7 @@ Unpack expanding_unpack(Isa isa) {
 
 BitmaskUnpack bitmask_unpack(Isa isa) { return expanding_unpack<BitmaskUnpack>(isa); }
 NMUnpack nm_unpack(Isa isa) { return expanding_unpack<NMUnpack>(isa); }
+ColumnUnpack column_unpack(Isa isa) { return expanding_unpack<ColumnUnpack>(isa); }
 
 ColumnKernel column_kernel(Isa isa) {
 #ifdef SF_X86
@@ -103,6 +104,7 @@ ColumnKernel column_kernel(Isa isa) {
   (void)isa;
   return portable::column;
 }
+
 
 BitmaskKernel bitmask_kernel(Isa isa) {
 #ifdef SF_X86

@@ -25,6 +25,9 @@ BitmaskUnpack bitmask_unpack(Isa isa);
 NMUnpack nm_unpack(Isa isa);
 // the column kernel (activation sparsity): AVX-512, or portable (AVX2 has none of its own)
 ColumnKernel column_kernel(Isa isa);
+// nullptr where the instruction set has no vectorised column unpack (ColumnLinear then scatters the 16-bit values
+// and lets torch widen them)
+ColumnUnpack column_unpack(Isa isa);
 
 constexpr int64_t kGrain = 16;  // fewer output features than this run on one thread
 

@@ -70,6 +70,9 @@ struct ColumnWeight {
 // acc[out] += sum over the listed inputs i of x[i] * W[:, i] (one row of x, the inputs active[0, count)).
 using ColumnKernel = void (*)(const float* x, const int32_t* active, int64_t count, const ColumnWeight&, int64_t out,
                               bool bf16, float* acc);
+// Inputs [begin, end) of a column weight as float32 rows of `out` values (stride out) in `dense`, zeros where
+// pruned: W^T, for prefill-sized x (x @ W^T is then one GEMM with no transpose).
+using ColumnUnpack = void (*)(const ColumnWeight&, int64_t out, bool bf16, float* dense, int64_t begin, int64_t end);
 
 namespace portable {
 void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
@@ -97,12 +100,14 @@ void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
 void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
+void unpack(const ColumnWeight&, int64_t, bool, float*, int64_t, int64_t);
 void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
 }  // namespace avx512
 namespace avx512_vbmi2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
 void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
+void unpack(const ColumnWeight&, int64_t, bool, float*, int64_t, int64_t);
 void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
 }  // namespace avx512_vbmi2
 #endif
