@@ -83,10 +83,7 @@ void ColumnLinear::run(const float* x, int64_t rows, float* y, float threshold) 
 }
 
 at::Tensor ColumnLinear::widened() const {
-  // reused: a fresh buffer of tens of MB per prefill would be mapped and page-faulted afresh
-  thread_local std::vector<float> buffer;
-  buffer.resize(size_t(in_ * out_));
-  float* target = buffer.data();
+  float* target = prefill_scratch(in_ * out_);
   const at::Tensor columns = at::from_blob(target, {in_, out_}, at::kFloat);
   if (unpack_) {
     at::parallel_for(0, in_, kGrain, [&](int64_t begin, int64_t end) {

@@ -32,7 +32,7 @@ class ColumnLinear {
 
  private:
   void run_gemm(const float* x, int64_t rows, float* y, float threshold) const;
-  // W^T as float32 [in, out], pruned weights zero, in a buffer of the calling thread that the next call reuses
+  // W^T as float32 [in, out], pruned weights zero, in the calling thread's prefill_scratch
   at::Tensor widened() const;
   ColumnWeight weight_{};
   int64_t out_, in_;

@@ -105,7 +105,6 @@ ColumnKernel column_kernel(Isa isa) {
   return portable::column;
 }
 
-
 BitmaskKernel bitmask_kernel(Isa isa) {
 #ifdef SF_X86
   switch (isa) {

@@ -21,6 +21,12 @@ const uint16_t* raw16(const at::Tensor& values) {
 
 }  // namespace
 
+float* prefill_scratch(int64_t count) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < size_t(count)) buffer.resize(size_t(count));
+  return buffer.data();
+}
+
 Linear::Linear(Kind kind, int64_t out, int64_t in, const at::Tensor& values, const std::optional<at::Tensor>& bias)
     : kind_(kind), out_(out), in_(in), bf16_(values.scalar_type() == at::kBFloat16) {
   TORCH_CHECK(out >= 1 && in >= 1, "a weight needs at least one input and one output feature");
@@ -86,15 +92,13 @@ void Linear::run(const float* x, int64_t rows, float* y) const {
 }
 
 void Linear::run_gemm(const float* x, int64_t rows, float* y) const {
-  // Buffers per calling thread, reused: a fresh 4-40 MB tensor per call would be mapped and page-faulted afresh.
-  // (Named pointers go into the workers: inside them a thread_local would be each worker's own.)
-  thread_local std::vector<float> widened;
+  // Buffers of the calling thread (prefill_scratch), named before the workers: inside them a thread_local would be
+  // each worker's own.
   const Problem p{x, padded_in(), rows, y, out_, in_, bias_, bf16_};
   at::Tensor weight;
   if ((kind_ == Kind::dense && dense_unpack_) || (kind_ == Kind::bitmask && bitmask_unpack_) ||
       (kind_ == Kind::nm && nm_unpack_)) {
-    widened.resize(size_t(out_ * padded_in()));
-    float* target = widened.data();
+    float* target = prefill_scratch(out_ * padded_in());
     at::parallel_for(0, out_, kGrain, [&](int64_t begin, int64_t end) {
       switch (kind_) {
         case Kind::dense: dense_unpack_(p, dense_, target, begin, end); break;
@@ -115,8 +119,7 @@ void Linear::run_gemm(const float* x, int64_t rows, float* y) const {
       });
       source = target;
     }
-    widened.resize(size_t(out_ * in_));
-    weight = at::from_blob(widened.data(), {out_, in_}, at::kFloat);
+    weight = at::from_blob(prefill_scratch(out_ * in_), {out_, in_}, at::kFloat);
     weight.copy_(at::from_blob(const_cast<uint16_t*>(source), {out_, in_}, bf16_ ? at::kBFloat16 : at::kHalf));
   }
   const at::Tensor xs = at::from_blob(const_cast<float*>(x), {rows, in_}, {padded_in(), 1}, at::kFloat);

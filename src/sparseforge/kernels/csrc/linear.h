@@ -16,6 +16,11 @@ namespace sf {
 // the default model's and a 7B's shapes: about 50-100 rows; docs/kernels.md).
 constexpr int64_t kGemmRows = 64;
 
+// The calling thread's float32 buffer of at least `count` values for a weight decoded once (prefill), shared by
+// every layout (Linear, ColumnLinear) and reused across calls: a fresh tensor of tens of MB per call would be mapped
+// and page-faulted afresh, and a buffer per layout would hold on to the largest decoded weight of each.
+float* prefill_scratch(int64_t count);
+
 class Linear {
  public:
   static Linear dense(const at::Tensor& values, const std::optional<at::Tensor>& bias, Isa isa);
