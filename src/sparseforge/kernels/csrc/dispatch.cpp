@@ -75,16 +75,18 @@ DenseKernel dense_kernel(Isa isa) {
 
 DenseUnpack dense_unpack(Isa isa) {
 #ifdef SF_X86
+  if (isa == Isa::avx2) return avx2::unpack;
   if (isa == Isa::avx512 || isa == Isa::avx512_vbmi2) return avx512::unpack;
 #endif
   (void)isa;
   return nullptr;
 }
 
-// both instruction sets that have one; the overload is the one the return type names
+// every vectorised instruction set has one; the overload is the one the return type names
 template <class Unpack>
 Unpack expanding_unpack(Isa isa) {
 #ifdef SF_X86
+  if (isa == Isa::avx2) return avx2::unpack;
   if (isa == Isa::avx512) return avx512::unpack;
   if (isa == Isa::avx512_vbmi2) return avx512_vbmi2::unpack;
 #endif
@@ -98,6 +100,7 @@ ColumnUnpack column_unpack(Isa isa) { return expanding_unpack<ColumnUnpack>(isa)
 
 ColumnKernel column_kernel(Isa isa) {
 #ifdef SF_X86
+  if (isa == Isa::avx2) return avx2::column;
   if (isa == Isa::avx512) return avx512::column;
   if (isa == Isa::avx512_vbmi2) return avx512_vbmi2::column;
 #endif

@@ -92,6 +92,11 @@ namespace avx2 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
 void nm(const Problem&, const NMWeight&, int64_t, int64_t);
 void dense(const Problem&, const DenseWeight&, int64_t, int64_t);
+void unpack(const Problem&, const DenseWeight&, float*, int64_t, int64_t);
+void unpack(const Problem&, const BitmaskWeight&, float*, int64_t, int64_t);
+void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
+void column(const float*, const int32_t*, int64_t, const ColumnWeight&, int64_t, bool, float*);
+void unpack(const ColumnWeight&, int64_t, bool, float*, int64_t, int64_t);
 }  // namespace avx2
 namespace avx512 {
 void bitmask(const Problem&, const BitmaskWeight&, int64_t, int64_t);
