@@ -74,10 +74,11 @@ def test_matmul_matches_reference(isa, kind, dtype):
     for out, in_features in SHAPES:
         bias = torch.randn(out, generator=gen)
         for label, packed in packings(kind, out, in_features, dtype, gen):
-            # 1, 3 and 12 rows run the kernels; 70 rows (prefill-sized) decode once and run torch's GEMM
-            x = torch.randn(1 + 3 + 12 + 70, in_features, generator=gen)
-            y = torch.cat([kernels.matmul(rows, packed, bias, isa=isa) for rows in x.split((1, 3, 12, 70))])
-            assert y.shape == (86, out) and y.dtype == torch.float32, label
+            # 1, 2, 3 and 12 rows run the kernels (AVX2 takes 4 features per work unit up to 2 rows, 2 beyond); 70
+            # rows (prefill-sized) decode once and run torch's GEMM
+            x = torch.randn(1 + 2 + 3 + 12 + 70, in_features, generator=gen)
+            y = torch.cat([kernels.matmul(rows, packed, bias, isa=isa) for rows in x.split((1, 2, 3, 12, 70))])
+            assert y.shape == (88, out) and y.dtype == torch.float32, label
             assert_close(y, x, packed, bias)
 
 
