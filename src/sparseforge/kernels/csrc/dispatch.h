@@ -23,7 +23,7 @@ NMKernel nm_kernel(Isa isa);
 DenseUnpack dense_unpack(Isa isa);
 BitmaskUnpack bitmask_unpack(Isa isa);
 NMUnpack nm_unpack(Isa isa);
-// the column kernel (activation sparsity): AVX-512, or portable (AVX2 has none of its own)
+// the column kernel (activation sparsity) of a vectorised instruction set, or the portable one
 ColumnKernel column_kernel(Isa isa);
 // nullptr where the instruction set has no vectorised column unpack (ColumnLinear then scatters the 16-bit values
 // and lets torch widen them)

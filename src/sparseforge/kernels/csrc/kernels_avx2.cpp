@@ -370,7 +370,9 @@ SF_TARGET void unpack_typed(const Problem& p, float* dense, int64_t begin, int64
 
 // ---- column layout (activation sparsity): acc[out] += x[i] * W[:, i] over listed inputs -------------------------
 
-// One listed input's weight row, read 32 outputs (four units) per step; as the AVX-512 kernels' ColumnRow.
+// One listed input's weight row, read 32 outputs (four units) per step. A port of the AVX-512 kernels' ColumnRow,
+// not a template shared with it: vector width, tails (masked stores there, a bounce buffer here) and the bitmask
+// decode differ, and what they share is a few lines of pointer set-up and prefetching.
 template <bool BF16, bool MASKED>
 struct ColumnRow {
   // Bytes requested ahead within a row, and of each next-pass row's head. Zen 3 (stand-alone driver, 2 threads,
