@@ -102,6 +102,20 @@ def test_bitmask_any_shape(out, in_features, rows, sparsity, bf16, seed):
     assert_close(kernels.matmul(x, packed), x, packed, None)
 
 
+@settings(max_examples=30, deadline=None)
+@given(out=st.integers(1, 40), groups=st.integers(1, 40), rows=st.integers(1, 20), bf16=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_two_four_any_shape(out, groups, rows, bf16, seed):
+    """2:4 has a kernel of its own on AVX2 (pairs of features, inputs permuted): odd feature counts, partial last
+    windows and every row count of x go through it."""
+    gen = torch.Generator().manual_seed(seed)
+    in_features = 4 * groups
+    packed = kernels.pack_nm(torch.randn(out, in_features, generator=gen), nm_mask(out, in_features, 2, 4, gen), 2, 4,
+                             torch.bfloat16 if bf16 else torch.float16)
+    x = torch.randn(rows, in_features, generator=gen)
+    assert_close(kernels.matmul(x, packed), x, packed, None)
+
+
 def test_leading_dims_other_dtypes_and_many_rows():
     gen = torch.Generator().manual_seed(1)
     packed = kernels.pack_nm(torch.randn(12, 64, generator=gen), nm_mask(12, 64, 2, 4, gen), 2, 4, torch.bfloat16)
