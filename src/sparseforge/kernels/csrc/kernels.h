@@ -123,7 +123,7 @@ void unpack(const Problem&, const NMWeight&, float*, int64_t, int64_t);
 
 // Kept-value window geometry shared by every N:M kernel and by the Python packer.
 constexpr int kWindow = 32;
-inline int nm_bits(int m) { return m == 4 ? 2 : m == 8 ? 3 : 4; }
-inline int64_t nm_window_bytes(int kept, int bits) { return (int64_t(kept) * bits + 7) / 8; }
+constexpr int nm_bits(int m) { return m == 4 ? 2 : m == 8 ? 3 : 4; }
+constexpr int64_t nm_window_bytes(int kept, int bits) { return (int64_t(kept) * bits + 7) / 8; }
 
 }  // namespace sf

@@ -388,7 +388,7 @@ template <bool BF16, int PAIRS, int RB>
 SF_TARGET void two_four_tile(const Problem& p, const NMWeight& w, int64_t o0, int64_t r0) {
   constexpr int OB = 2 * PAIRS;
   constexpr int S = PAIRS * RB >= 4 ? 1 : 2;  // accumulator sets, as in tile()
-  constexpr int64_t kWindowValues = kWindow / 2, kWindowBytes = kWindow / 2 * 2 / 8;
+  constexpr int64_t kWindowValues = kWindow / 2, kWindowBytes = nm_window_bytes(kWindowValues, nm_bits(4));
   const int64_t row_values = p.in / 2, windows = p.in / kWindow;
   // The row pointers stay put and one window index moves: per-row cursors were kept in memory by the compiler.
   const uint16_t* v[OB];
